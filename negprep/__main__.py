@@ -1,0 +1,5 @@
+import sys
+
+from negprep.cli import main
+
+sys.exit(main())

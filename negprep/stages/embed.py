@@ -1,0 +1,103 @@
+"""Embed stage: text shards -> embedding shards, on a Ray Data pool of actors.
+
+Each actor loads the model once (`__init__`) and embeds whole shards: it reads the shard's texts
+from storage itself, sorts them by length so batches carry little padding, embeds each distinct
+text once, and writes `embeddings/<encoder key>/<shard digest>.parquet`. The file name is a
+content address (model, pooling, prompt, max_length and the shard's ids and texts), so a rerun, or
+another job over the same texts, finds the file and skips the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from negprep.models import Encoder, EncoderSpec
+from negprep.paths import Folder
+from negprep.schemas import conform
+
+log = logging.getLogger(__name__)
+
+
+class ShardEmbedder:
+    """Ray Data actor: one model per actor, one shard per call."""
+
+    def __init__(self, spec: EncoderSpec, threads: int, batch_size: int, texts: Folder, cache: Folder):
+        self.encoder = Encoder(spec, threads=threads)
+        self.batch_size = batch_size
+        self.texts, self.cache = texts, cache
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, secs = [], []
+        for src, dst in zip(batch["src"], batch["dst"], strict=True):
+            t0 = time.perf_counter()
+            rows.append(embed_shard(self.encoder, self.texts, str(src), self.cache, str(dst), self.batch_size))
+            secs.append(time.perf_counter() - t0)
+        return {"dst": batch["dst"], "rows": np.array(rows), "seconds": np.array(secs)}
+
+
+def embed_shard(encoder: Encoder, texts: Folder, src: str, cache: Folder, dst: str, batch_size: int) -> int:
+    """Embed the texts of Parquet shard `texts/src` (id, text) into `cache/dst` (id, embedding)."""
+    table = texts.read_parquet(src, columns=["id", "text"])
+    texts = table.column("text").to_pylist()
+    uniq, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
+    vecs = encoder.encode(list(uniq), batch_size=batch_size)[inverse]
+    dim = vecs.shape[1]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)
+    out = pa.table({"id": table.column("id"), "embedding": emb.cast(pa.list_(pa.float32()))})
+    cache.write_parquet(dst, conform(out, "embeddings"))
+    return table.num_rows
+
+
+def run_embed(
+    spec: EncoderSpec,
+    texts: Folder,
+    shards: list[dict],
+    cache: Folder,
+    actors: int,
+    threads: int,
+    batch_size: int,
+) -> dict:
+    """Embed every shard whose embedding file is not in `cache` yet; returns counts and timings."""
+    import ray
+
+    done = set(cache.ls(".parquet"))
+    todo = [s for s in shards if f"{s['digest']}.parquet" not in done]
+    stats = {"shards": len(shards), "shards_reused": len(shards) - len(todo), "rows_embedded": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    # largest shards first so the last actor is not left with the longest one
+    todo.sort(key=lambda s: -s["rows"])
+    items = [{"src": s["name"], "dst": f"{s['digest']}.parquet"} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "threads": threads,
+            "batch_size": batch_size,
+            "texts": texts,
+            "cache": cache,
+        },
+        batch_size=1,
+        num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))),
+    )
+    t0 = time.perf_counter()
+    results = ds.take_all()
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["rows_embedded"] = int(sum(r["rows"] for r in results))
+    return stats
+
+
+def load_embeddings(folder: Folder, name: str) -> tuple[list[str], np.ndarray]:
+    """Ids and the (n, dim) float32 matrix of one embedding shard."""
+    t = folder.read_parquet(name)
+    ids = t.column("id").to_pylist()
+    col = t.column("embedding").combine_chunks()
+    if len(col) == 0:
+        return ids, np.zeros((0, 0), dtype=np.float32)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, flat.reshape(len(col), -1)

