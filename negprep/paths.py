@@ -7,6 +7,7 @@ shard is finished exactly when its file exists.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from negprep.storage import fs_options, redact, with_env_credentials
+
 
 class Folder:
     """A directory addressed by URL (`/data/x`, `s3://bucket/x`), with storage options for fsspec."""
@@ -25,14 +28,15 @@ class Folder:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url.rstrip("/") or "/"
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+        # the job's friendly options, translated per protocol (local paths take none)
+        self.fs, self.root = url_to_fs(self.url, **fs_options(self.url, self.storage_options))
         self.local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:
-        return f"Folder({self.url!r})"
+        return f"Folder({redact(self.url)!r})"
 
-    def __reduce__(self):  # pickles by URL: workers rebuild their own filesystem client
-        return (Folder, (self.url, self.storage_options))
+    def __reduce__(self):  # pickles by URL: workers rebuild their own client, with the driver's credentials
+        return (Folder, (self.url, with_env_credentials(self.url, self.storage_options)))
 
     def sub(self, *parts: str) -> Folder:
         return Folder("/".join([self.url, *parts]), self.storage_options)
@@ -100,3 +104,8 @@ def locate(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Fol
     """(folder, file name) of a file URL; a bare name is in the current directory."""
     head, sep, name = url.rstrip("/").rpartition("/")
     return Folder(head if sep else ".", storage_options), name
+
+
+def stage_key(*parts: Any) -> str:
+    """A short stable hash of everything a stage's results depend on: the name of its work folder."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -2,41 +2,42 @@
 
 Each stage's results live in the work directory under a key derived from everything they depend
 on (inputs, model, settings), so a rerun reuses finished shards and a changed setting recomputes
-exactly the stages that depend on it. The output is published last: data files, then
-manifest.json, then `_SUCCESS`.
+exactly the stages that depend on it. The output is published last: data files, rejected input
+rows (rejected/input.parquet), manifest.json, the dataset card README.md and report.html, then
+`_SUCCESS`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Any
 
 import numpy as np
 
-from negprep import mining
+from negprep import mining, storage
 from negprep.config import Job
-from negprep.errors import ConfigError
-from negprep.models import EncoderSpec, detect_pooling, model_fingerprint, resolve_model
-from negprep.paths import Folder
+from negprep.errors import ConfigError, NegprepError
+from negprep.models import encoder_specs, resolve_model
+from negprep.paths import Folder, stage_key
+from negprep.report import histograms, merge_distributions, publish_docs
+from negprep.stages.batch import run_batches
+from negprep.stages.cluster import run_cluster
 from negprep.stages.embed import run_embed
+from negprep.stages.guide import run_guide
 from negprep.stages.mine import mine_shard
-from negprep.stages.read import fingerprints, input_files, read_key, run_read
-from negprep.stages.search import search_shard
+from negprep.stages.read import fingerprints, input_files, publish_rejected, read_key, run_read
+from negprep.stages.search import run_search, search_settings
 
 log = logging.getLogger(__name__)
 
+STAGES = ("read", "embed", "search", "mine")  # the order they run in; `redo` / --from name one
+INCOMPLETE = "_INCOMPLETE"  # in an output while a run writes it; `_SUCCESS` replaces it at the end
 VERSIONED = ("negprep", "ray", "pyarrow", "polars", "faiss-cpu", "transformers", "torch", "numpy", "fsspec", "s3fs")
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def start_ray(job: Job) -> None:
@@ -47,7 +48,13 @@ def start_ray(job: Job) -> None:
         return
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NEGPREP_CACHE") if k in os.environ}}
+    # workers (maybe on other machines) need the driver's AWS endpoint and region; the keys go in
+    # the pickled Folders instead (storage.with_env_credentials): Ray logs the runtime_env
+    env["env_vars"] |= storage.ray_env()
     if address:
+        # under `ray job submit --runtime-env-json` the job's env vars would clash with these same
+        # keys (a ValueError); merge them instead, ours (the driver's own values) winning
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         ray.init(
@@ -57,7 +64,13 @@ def start_ray(job: Job) -> None:
             runtime_env=env,
             log_to_driver=False,
         )
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ctx = ray.data.DataContext.get_current()
+    # Ray Data's bars are for terminals; in a scheduled job's log they become a line every 10 s
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    # one call of an embedding actor is a whole shard: on CPU with a large model that can take more
+    # than Ray Data's default 30 minutes without a finished block, which it would treat as a hang
+    ctx.execution_no_progress_timeout_s = 7 * 24 * 3600
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -69,6 +82,19 @@ def _timed(timings: dict, stage: str):
     log.info("stage %s: done in %.1f s", stage, timings[stage])
 
 
+def _get(refs):
+    """ray.get; a negprep error raised inside a task arrives wrapped in RayTaskError with its
+    traceback: re-raise the original, so the CLI still prints one line and exits 2."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, NegprepError):
+            raise e.cause from None
+        raise
+
+
 def _gather(futures: list, desc: str) -> list:
     """ray.get with a progress bar, results in submission order."""
     import ray
@@ -78,30 +104,33 @@ def _gather(futures: list, desc: str) -> list:
     with tqdm(total=len(futures), desc=desc, unit="shard", leave=False) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)  # raise the first failure at once
+            _get(done)  # raise the first failure at once
             bar.update(len(done))
-    return ray.get(futures)
+    return _get(futures)
 
 
 def prepare_output(out: Folder, overwrite: bool) -> None:
     """Refuse an existing output unless overwriting; an overwrite removes `_SUCCESS` first, so no
     reader takes a half-replaced folder for a dataset."""
-    if not out.exists() or not out.ls():
-        return
-    if not overwrite:
-        raise ConfigError(f"{out.url}: output exists; pass --overwrite to replace it")
-    out.rm("_SUCCESS")
-    out.rm("", recursive=True)
+    if has_files(out):
+        if not overwrite and not unfinished(out):
+            raise ConfigError(f"{out.url}: output exists; pass --overwrite to replace it")
+        # object stores have no rename: the marker goes first, then the manifest, then the data
+        out.rm("_SUCCESS")
+        out.rm("manifest.json")
+        out.rm("", recursive=True)
+    # a run in progress: if it is killed, the rerun replaces this output without --overwrite
+    out.write_bytes(INCOMPLETE, b"")
 
 
-def actor_layout(cpus: int, shards: int, actors: int | None, threads: int | None) -> tuple[int, int]:
-    """(actors, torch threads each): one actor per shard up to the CPUs, the CPUs shared among them.
+def has_files(out: Folder) -> bool:
+    """Whether `out` holds anything but a write probe left by an interrupted pre-flight check."""
+    return any(not n.startswith(".negprep-write-check") for n in out.ls())
 
-    With fewer shards than CPUs the spare cores become threads, so a one-shard corpus still uses
-    the whole machine.
-    """
-    n = actors or max(1, min(shards, cpus // (threads or 1)))
-    return n, threads or max(1, cpus // n)
+
+def unfinished(out: Folder) -> bool:
+    """An output a killed negprep run left behind (no `_SUCCESS`): safe to replace."""
+    return out.exists(INCOMPLETE) and not out.exists("_SUCCESS")
 
 
 def cluster_cpus() -> int:
@@ -110,16 +139,27 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def run_job(job: Job, overwrite: bool = False) -> dict:
-    """Run a validated job end to end; returns the manifest written next to the output."""
+def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
+    """Run a validated job end to end; returns the manifest written next to the output.
+
+    Finished work in the work directory is reused; `redo` names the first stage (of STAGES) to
+    recompute regardless, and every later one is recomputed too.
+    """
     import ray
+
+    again = set(STAGES[STAGES.index(redo) :]) if redo else set()
 
     t_start = time.perf_counter()
     so = job.storage
+    storage.remember_secrets(job.model_dump(mode="json"))  # masked in every message and log line from now on
     out, work = Folder(job.output, so), Folder(job.work, so)
     files = input_files(job)
     fps = fingerprints(files, so)  # missing inputs fail here, before Ray starts
-    if out.exists() and out.ls() and not overwrite:
+    # so do an unreachable endpoint, a missing bucket or no write permission (inside Ray they arrive wrapped)
+    checks = [("output", out), ("work_dir", work)] + ([("rejected", Folder(job.rejected, so))] if job.rejected else [])
+    for role, folder in checks:
+        storage.check_writable(folder, role)
+    if has_files(out) and not overwrite and not unfinished(out):
         raise ConfigError(f"{job.output}: output exists; pass --overwrite to replace it")
     resolved = resolve_model(job.model)
     start_ray(job)
@@ -128,59 +168,59 @@ def run_job(job: Job, overwrite: bool = False) -> dict:
 
     with _timed(timings, "read"):
         rdir = work.sub("input", read_key(job, fps))
-        if rdir.exists("_SUCCESS"):
+        if rdir.exists("_SUCCESS") and "read" not in again:
             read = rdir.read_json("stats.json")
         else:
-            task = ray.remote(run_read).options(num_cpus=1, max_retries=2)
-            read = ray.get(task.remote(job, rdir, files, so))
+            rdir.rm("_SUCCESS")
+            task = ray.remote(run_read).options(num_cpus=1, max_retries=job.ray.retries)
+            read = _get(task.remote(job, rdir, files, so))
             rdir.write_bytes("_SUCCESS", b"")
 
     with _timed(timings, "embed"):
-        pooling = detect_pooling(resolved) if job.embed.pooling == "auto" else job.embed.pooling
-        fp = model_fingerprint(resolved)
         e = job.embed
-        pspec = EncoderSpec(resolved, fp, pooling, e.max_length, e.normalize, e.passage_prompt, e.trust_remote_code)
-        qspec = EncoderSpec(resolved, fp, pooling, e.max_length, e.normalize, e.query_prompt, e.trust_remote_code)
+        pspec, qspec = encoder_specs(resolved, e)
         pdir, qdir = work.sub("embeddings", pspec.key()), work.sub("embeddings", qspec.key())
         embed_stats = {}
         for kind, spec, src, shards, dst in (
             ("corpus", pspec, rdir.sub("corpus"), read["corpus_shards"], pdir),
             ("queries", qspec, rdir.sub("queries"), read["query_shards"], qdir),
         ):
-            actors, threads = actor_layout(cpus, len(shards), e.actors, e.threads_per_actor)
-            embed_stats[kind] = run_embed(spec, src, shards, dst, actors, threads, e.batch_size)
+            embed_stats[kind] = run_embed(spec, src, shards, dst, cpus, e, "embed" in again, job.ray.retries)
 
     corpus_emb = [f"{s['digest']}.parquet" for s in read["corpus_shards"]]
     with _timed(timings, "search"):
         sdir = work.sub(
             "search",
-            _key(
+            stage_key(
                 pspec.key(),
                 qspec.key(),
                 corpus_emb,
                 read["query_shards"],
                 rdir.url,
                 job.range_max,
-                job.search.model_dump(),
+                search_settings(job.search),
             ),
         )
-        done = set(sdir.ls(".parquet"))
-        todo = [s for s in read["query_shards"] if s["name"] not in done]
-        threads = job.search.threads or max(1, cpus // max(1, min(len(todo), cpus)))
-        task = ray.remote(search_shard).options(num_cpus=threads, max_retries=3)
-        futures = [
-            task.remote(
-                (qdir, f"{s['digest']}.parquet"),
-                (pdir, corpus_emb),
-                (rdir, "qrels.parquet"),
-                (sdir, s["name"]),
-                job.range_max,
-                threads,
-            )
-            for s in todo
-        ]
-        _gather(futures, "search")
-        search_stats = {"query_shards": len(read["query_shards"]), "reused": len(read["query_shards"]) - len(todo)}
+        search_stats = run_search(
+            job.search,
+            (pdir, read["corpus_shards"]),
+            (qdir, read["query_shards"]),
+            (rdir, "qrels.parquet"),
+            sdir,
+            job.range_max,
+            retries=job.ray.retries,
+            force="search" in again,
+        )
+
+    gdir, guide_stats = None, None
+    if job.guide:
+        with _timed(timings, "guide"):
+            gdir, guide_stats = run_guide(job, cpus, work, rdir, read, sdir)
+
+    cdir, cluster_stats = None, None
+    if job.clusters or job.batch_size:
+        with _timed(timings, "cluster"):
+            cdir, cluster_stats = run_cluster(job, work, qdir, qspec.key(), read["query_shards"], read["queries"])
 
     rules = mining.Rules(
         num_negatives=job.num_negatives,
@@ -192,34 +232,58 @@ def run_job(job: Job, overwrite: bool = False) -> dict:
         min_score=job.min_score,
         sampling=job.sampling,
         seed=job.seed,
+        margin_bins=job.margin_bins,
+        guide_relative_margin=job.guide.relative_margin if job.guide else None,
+        guide_absolute_margin=job.guide.absolute_margin if job.guide else None,
+        guide_max_score=job.guide.max_score if job.guide else None,
     )
     with _timed(timings, "mine"):
         prepare_output(out, overwrite)
         data = out.sub("data")
+        audit = Folder(job.rejected, so) if job.rejected else None
+        if audit:
+            audit.rm("", recursive=True)
         n = len(read["query_shards"])
-        task = ray.remote(mine_shard).options(num_cpus=1, max_retries=3)
+        # with batch_size the mined files are staged, then rewritten in batch order by the batch step
+        staged = work.sub("unbatched", stage_key(job.output)) if job.batch_size else None
+        if staged:
+            staged.rm("", recursive=True)
+        task = ray.remote(mine_shard).options(num_cpus=1, max_retries=job.ray.retries)
         futures = [
             task.remote(
                 (sdir, s["name"]),
                 (rdir.sub("queries"), s["name"]),
                 (rdir.sub("corpus"), [c["name"] for c in read["corpus_shards"]]),
-                (data, f"train-{i:05d}-of-{n:05d}.parquet"),
+                (staged or data, f"train-{i:05d}-of-{n:05d}.parquet"),
                 rules,
                 job.format,
+                (gdir, s["name"]) if gdir else None,
+                (audit, f"part-{i:05d}.parquet") if audit else None,
+                clusters=(cdir, s["name"]) if cdir else None,
             )
             for i, s in enumerate(read["query_shards"])
         ]
         results = _gather(futures, "mine")
 
+    batch_stats = None
+    if staged:
+        with _timed(timings, "batch"):
+            batch_stats = run_batches(
+                staged, data, (rdir.sub("corpus"), [c["name"] for c in read["corpus_shards"]]),
+                (rdir.sub("queries"), [s["name"] for s in read["query_shards"]]), job.format, job.num_negatives,
+                job.batch_size, job.seed, job.partial_batches,
+            )
+
+    rejected_input = publish_rejected(rdir, out, read)
     counts: dict[str, int] = {}
     for r in results:
         for k, v in r["counts"].items():
             if k != "seconds":
                 counts[k] = counts.get(k, 0) + v
-    samples = {
-        k: np.concatenate([r["sample"][k] for r in results]) if results else np.array([])
-        for k in ("positive_scores", "negative_scores", "negative_ranks")
-    }
+    if batch_stats:
+        counts["rows_dropped_partial_batches"] = batch_stats["rows_dropped"]
+        counts["rows"] = batch_stats["rows_batched"]
+    samples = {k: np.concatenate([r["sample"][k] for r in results]) for k in (results[0]["sample"] if results else {})}
     timings["total"] = round(time.perf_counter() - t_start, 3)
     manifest = {
         "negprep_version": _version("negprep"),
@@ -228,11 +292,11 @@ def run_job(job: Job, overwrite: bool = False) -> dict:
         "format": job.format,
         "data_files": sorted(f"data/{n}" for n in data.ls(".parquet")),
         "rows": counts.get("rows", 0),
-        "config": job.model_dump(mode="json", exclude={"storage"}),
+        "config": job.model_dump(mode="json") | {"storage": storage.redact_options(so)},
         "model": {
             "resolved": resolved,
-            "fingerprint": fp,
-            "pooling": pooling,
+            "fingerprint": pspec.fingerprint,
+            "pooling": pspec.pooling,
             "passage_key": pspec.key(),
             "query_key": qspec.key(),
         },
@@ -245,12 +309,21 @@ def run_job(job: Job, overwrite: bool = False) -> dict:
             **counts,
         },
         "scores": {k: quantiles(v) for k, v in samples.items()},
-        "stages": {"embed": embed_stats, "search": search_stats},
+        # the report is rebuilt from these: fixed-bin histograms of the samples, exact count distributions
+        "histograms": histograms(samples, merge_distributions([r.get("distributions") for r in results])),
+        "rejected_input_file": rejected_input,
+        "stages": {"embed": embed_stats, "search": search_stats, "guide": guide_stats},
+        "rejected": job.rejected,
+        "clusters": cluster_stats,
+        "batches": batch_stats,
         "timings_s": timings,
         "versions": {p: _version(p) for p in VERSIONED} | {"python": platform.python_version()},
     }
+    manifest = storage.redact_obj(manifest)  # credentials in URLs, the job's secret values
     out.write_json("manifest.json", manifest)
+    publish_docs(out, manifest)
     out.write_bytes("_SUCCESS", b"")
+    out.rm(INCOMPLETE)
     return manifest
 
 

@@ -31,10 +31,17 @@ def spec(name: str) -> dict:
         return yaml.safe_load(f)
 
 
-def schema(name: str, n: int | None = None) -> pa.Schema:
-    """Arrow schema of contract `name`; pattern fields (`negative_{i}`) are expanded for i = 1..n."""
+def schema(name: str, n: int | None = None, groups: tuple[str, ...] = ()) -> pa.Schema:
+    """Arrow schema of contract `name`.
+
+    Pattern fields (`negative_{i}`) are expanded for i = 1..n. Fields with a `group` (for example
+    `group: guide`, present only when the job has a guide model) are included when their group is
+    in `groups`.
+    """
     fields = []
     for f in spec(name)["fields"]:
+        if f.get("group") and f["group"] not in groups:
+            continue
         typ = _TYPES[f["type"]]
         if "{i}" in f["name"]:
             if n is None:
@@ -45,13 +52,15 @@ def schema(name: str, n: int | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def conform(table: pa.Table, name: str, n: int | None = None, where: str = "") -> pa.Table:
+def conform(
+    table: pa.Table, name: str, n: int | None = None, where: str = "", groups: tuple[str, ...] = ()
+) -> pa.Table:
     """Return `table` with exactly the columns of contract `name`, in order, cast to its types.
 
     Raises InputError naming the missing column or the failed cast: writers call this so that no
     file leaves negprep unless it matches its contract.
     """
-    target = schema(name, n)
+    target = schema(name, n, groups)
     missing = [f.name for f in target if f.name not in table.column_names]
     if missing:
         raise InputError(f"{where or name}: missing column(s) {', '.join(missing)} for schema {name}")

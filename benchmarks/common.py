@@ -1,0 +1,125 @@
+"""Shared by the benchmarks: a generated corpus of any size, the tiny offline model, a timed CLI run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_SYL = ["val", "mor", "ess", "tan", "bri", "lo", "quen", "dar", "ith", "sel", "kor", "ani"]
+_WORDS = [
+    *("town", "river", "hills", "coast", "valley", "marshes", "plateau", "founded", "people", "live"),
+    *("economy", "rests", "glassworks", "mills", "shipyards", "mines", "dairies", "makers", "breweries"),
+    *("potteries", "visitors", "come", "local", "bread", "cheese", "trout", "honey"),
+]
+NOTE = (
+    "2 shared cores: other jobs ran on this machine at the same time, so absolute timings are noisy "
+    "(compare orders of magnitude, not percent)."
+)
+
+
+def _name(i: int) -> str:
+    """A unique pronounceable name per integer (base-12 syllables)."""
+    parts = []
+    while True:
+        parts.append(_SYL[i % 12])
+        i //= 12
+        if i == 0:
+            break
+    return "".join(parts).capitalize()
+
+
+def write_corpus(root: Path, passages: int, queries: int = 2000, seed: int = 0) -> Path:
+    """A BEIR directory with `passages` short generated passages and `queries` queries, one positive each.
+
+    Streams to disk, so the generator itself stays small at any size."""
+    rng = random.Random(seed)
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i in range(passages):
+            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 24)))
+            f.write(json.dumps({"_id": f"d{i}", "title": _name(i), "text": f"{_name(i)} {words}."}) + "\n")
+    step = max(1, passages // queries)
+    with open(root / "queries.jsonl", "w", encoding="utf-8") as fq, open(root / "qrels" / "train.tsv", "w") as fr:
+        fr.write("query-id\tcorpus-id\tscore\n")
+        for j in range(min(queries, passages)):
+            words = " ".join(rng.choice(_WORDS) for _ in range(6))
+            fq.write(json.dumps({"_id": f"q{j}", "text": f"{_name(j * step)} {words}?"}) + "\n")
+            fr.write(f"q{j}\td{j * step}\t1\n")
+    return root
+
+
+def tiny_model(path: Path) -> Path:
+    """The tests' 2-layer, 32-wide BERT (built offline in a second)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_bert
+
+    return path if (path / "config.json").exists() else build_tiny_bert(path)
+
+
+_WRAPPER = """
+import resource, sys
+from negprep.cli import main
+rc = main(sys.argv[1:])
+print("DRIVER_PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+sys.exit(rc)
+"""
+
+
+def run_cli(job: dict, workdir: Path, env: dict | None = None) -> dict:
+    """Run `negprep run` on `job` in a fresh process with its own local Ray; returns the driver's
+    peak RSS, the largest RSS any of its descendants (Ray workers) reached, wall time and the manifest."""
+    import psutil
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("RAY_ADDRESS")}
+    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRAPPER, "run", str(path), "--overwrite", "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker_peak = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal worker_peak
+        me = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                for c in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        worker_peak = max(worker_peak, c.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.5)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    stop.set()
+    t.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"negprep failed ({proc.returncode}):\n{err[-3000:]}")
+    peak_kb = int(next(line.split()[1] for line in out.splitlines() if line.startswith("DRIVER_PEAK_KB")))
+    manifest = json.loads((Path(job["output"]) / "manifest.json").read_text())
+    return {
+        "driver_peak_mb": round(peak_kb / 1024, 1),
+        "largest_worker_rss_mb": round(worker_peak / 2**20, 1),
+        "wall_s": round(wall, 1),
+        "manifest": manifest,
+    }

@@ -1,0 +1,207 @@
+"""Topic-aware batch composition (TAS-Balanced) as pure functions over arrays.
+
+Input: one entry per output row: the cluster of its query, a key of its query and keys of its
+passage texts (positive and negatives). Keys are 64-bit hashes of the normalised texts, so the
+same text under two ids is one key, and query and passage keys share one key space. Output: the
+rows in training order with a `batch_id` each, such that
+
+- a batch holds `batch_size` rows drawn from one cluster (except `mixed` batches, below);
+- no key occurs in two rows of the same batch: no query twice, no passage twice, no passage that
+  is another row's query (with in-batch negatives such a repeat would be a false negative);
+- batch order is a seeded shuffle; rows keep consecutive positions within their batch.
+
+Packing is greedy: a cluster's rows are interleaved (one row of every query, in a seeded order,
+then every query's second row, ...), then each batch takes the next rows that do not clash with
+it, looking at most `window` rows ahead; skipped rows stay first in line for the next batch.
+Batches left short (at a cluster's end, or when the rows ahead all clash) are handled by
+`partial`:
+
+- `merge`: the short batches' rows of all clusters are pooled, cluster after cluster, and packed
+  again across cluster boundaries into `mixed` batches; whatever still cannot fill a whole batch is
+  dropped and counted. Every
+  batch written then has exactly `batch_size` rows, so a trainer reading the file in order with
+  that batch size sees exactly these batches.
+- `drop`: rows of short batches are dropped and counted; again every batch is full.
+- `keep`: short batches are written as they are (every row kept); a trainer must then batch by
+  `batch_id`, since fixed-size slices of the file would straddle batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from negprep.mining import row_seed
+
+PARTIAL = ("merge", "drop", "keep")
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A batch plan over the input rows.
+
+    Attributes:
+        order: (m,) input row indices in output order (m = rows kept).
+        batch_id: (m,) batch of each output position; 0, 0, ..., 1, 1, ...: batches are contiguous.
+        mixed: (number of batches,) True for a `merge` batch pooled from several clusters' leftovers.
+        counts: rows, rows_batched, rows_merged, rows_dropped, batches, batches_mixed, batches_short.
+    """
+
+    order: np.ndarray
+    batch_id: np.ndarray
+    mixed: np.ndarray
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def interleave(query: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(level, priority) per row: sorting by (level, priority) spreads each query's rows apart.
+
+    `level` is the row's seeded rank among its query's rows, `priority` a seeded rank of its query:
+    level 0 holds one row of every query in a random query order, level 1 the second rows, ...
+    """
+    n = len(query)
+    _, inv = np.unique(query, return_inverse=True)
+    inv = inv.reshape(-1)
+    prio = rng.permutation(int(inv.max()) + 1 if n else 0)[inv]
+    grouped = np.lexsort((rng.random(n), inv))  # rows grouped by query, random order inside
+    g = inv[grouped]
+    starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1] if n else np.zeros(0, dtype=np.int64)
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))
+    level = np.empty(n, dtype=np.int64)
+    level[grouped] = np.arange(n) - first
+    return level, prio
+
+
+def pack(rows: np.ndarray, keys: list[tuple], batch_size: int, window: int) -> list[list[int]]:
+    """Greedy batches over `rows` (in order): each takes the next non-clashing rows, <= window ahead.
+
+    Args:
+        rows: row indices in the preferred order.
+        keys: keys[r] = every key of row r (query and texts); two rows clash if they share one.
+    Returns:
+        Batches of row indices, each of 1..batch_size rows, covering every row exactly once.
+    """
+    pending = deque(int(r) for r in rows)
+    out: list[list[int]] = []
+    while pending:
+        batch: list[int] = []
+        used: set = set()
+        skipped: list[int] = []
+        scanned = 0
+        while pending and len(batch) < batch_size and scanned < window:
+            r = pending.popleft()
+            scanned += 1
+            k = keys[r]
+            if used.isdisjoint(k):
+                batch.append(r)
+                used.update(k)
+            else:
+                skipped.append(r)
+        pending.extendleft(reversed(skipped))  # clashing rows stay first in line
+        out.append(batch)
+    return out
+
+
+def compose(
+    cluster: np.ndarray,
+    query: np.ndarray,
+    texts: np.ndarray,
+    batch_size: int,
+    seed: int,
+    partial: str = "merge",
+    window: int | None = None,
+) -> Batches:
+    """Order rows into batches of one cluster each, without repeated keys inside a batch.
+
+    Args:
+        cluster: (n,) cluster id of each row's query.
+        query: (n,) key of each row's query (a hash of its normalised text).
+        texts: (n, m) keys of each row's passages (positive, negatives).
+        batch_size: rows per batch.
+        seed: the job seed; the same inputs and seed give the same plan.
+        partial: what to do with short batches: merge, drop or keep (see the module docstring).
+        window: how many rows ahead a batch may look for a non-clashing row (default 8 batches).
+    """
+    if partial not in PARTIAL:
+        raise ValueError(f"unknown partial {partial!r}: one of {', '.join(PARTIAL)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    cluster = np.asarray(cluster, dtype=np.int64).reshape(-1)
+    query = np.asarray(query, dtype=np.int64).reshape(-1)
+    n = len(cluster)
+    texts = np.asarray(texts, dtype=np.int64)
+    texts = texts.reshape(n, -1) if texts.size else texts.reshape(n, 0)
+    window = window or max(8 * batch_size, 64)
+    rng = np.random.default_rng(row_seed(seed, "batches"))
+    keys = [(q, *t) for q, t in zip(query.tolist(), texts.tolist(), strict=True)]
+    level, prio = interleave(query, rng)
+    tie = np.unique(query, return_inverse=True)[1].reshape(-1)
+    order = np.lexsort((tie, prio, level, cluster))
+
+    full: list[list[int]] = []
+    short: list[list[int]] = []
+    bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for batch in pack(order[a:b], keys, batch_size, window):
+            (full if len(batch) == batch_size else short).append(batch)
+
+    mixed: list[list[int]] = []
+    dropped = 0
+    if partial == "keep":
+        full += short
+    else:
+        left = np.array([r for b in short for r in b], dtype=np.int64)
+        if partial == "merge" and len(left):
+            # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
+            pool = left[np.lexsort((tie[left], prio[left], level[left], cluster[left]))]
+            for batch in pack(pool, keys, batch_size, window):
+                if len(batch) == batch_size:
+                    mixed.append(batch)
+                else:
+                    dropped += len(batch)
+        else:
+            dropped = len(left)
+
+    batches = full + mixed
+    is_mixed = np.array([False] * len(full) + [True] * len(mixed), dtype=bool)
+    perm = rng.permutation(len(batches))
+    sizes = np.array([len(batches[i]) for i in perm], dtype=np.int64)
+    out = np.array([r for i in perm for r in batches[i]], dtype=np.int64)
+    counts = {
+        "rows": n,
+        "rows_batched": len(out),
+        "rows_merged": sum(len(b) for b in mixed),
+        "rows_dropped": dropped,
+        "batches": len(batches),
+        "batches_mixed": len(mixed),
+        "batches_short": int((sizes < batch_size).sum()),
+    }
+    return Batches(
+        order=out,
+        batch_id=np.repeat(np.arange(len(batches), dtype=np.int32), sizes),
+        mixed=is_mixed[perm],
+        counts=counts,
+    )
+
+
+def split_files(sizes: np.ndarray, files: int) -> np.ndarray:
+    """Row offsets (files + 1) that cut the output into `files` parts of whole batches.
+
+    Each part gets about the same number of rows; a batch never straddles two files, so a trainer
+    that reads files one at a time still sees whole batches. Trailing parts may be empty.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = [0]
+    for f in range(1, files):
+        target = total * f / files
+        # the batch end nearest the even split, never before the previous cut
+        i = int(np.searchsorted(ends, target))
+        cands = [int(ends[j]) for j in (i - 1, i) if 0 <= j < len(ends)]
+        cut = min(cands, key=lambda e: abs(e - target)) if cands else total
+        cuts.append(max(cut, cuts[-1]))
+    cuts.append(total)
+    return np.array(cuts, dtype=np.int64)

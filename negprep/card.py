@@ -1,0 +1,202 @@
+"""The dataset card: a Hugging Face style README.md next to the data, built from the manifest.
+
+The YAML front matter's `configs` tell `datasets.load_dataset(<output folder or Hub repo>)` where
+the data files are; the body says how the data was made, how many rows each step kept, the columns
+(from the contract in schemas/) and how to load it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import yaml
+
+from negprep.paths import Folder
+from negprep.schemas import spec
+
+_SIZES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+)
+
+
+def size_category(rows: int) -> str:
+    """The Hub's size_categories value for `rows` rows."""
+    return next((label for limit, label in _SIZES if rows < limit), "n>1B")
+
+
+def _columns(fmt: str, n: int, present: list[str] | None) -> list[tuple[str, str, str]]:
+    """(column, type, meaning) of the output contract, patterns expanded; only `present` columns if given."""
+    out = []
+    for f in spec(fmt)["fields"]:
+        names = [f["name"].format(i=i) for i in range(1, n + 1)] if "{i}" in f["name"] else [f["name"]]
+        for name in names:
+            if present is not None and name not in present:
+                continue
+            if present is None and f.get("group"):
+                continue
+            out.append((name, f["type"], f["meaning"]))
+    if present is not None:  # columns the contract does not describe (should not happen) are still listed
+        known = {c for c, _, _ in out}
+        out += [(c, "?", "") for c in present if c not in known]
+        out.sort(key=lambda r: present.index(r[0]))
+    return out
+
+
+def _md(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def dataset_card(m: dict, columns: list[str] | None = None) -> str:
+    """README.md text for manifest `m`; `columns`: the data files' column names, when known."""
+    cfg = m.get("config") or {}
+    c = m.get("counts") or {}
+    fmt = m.get("format") or cfg.get("format", "triplet")
+    n = int(cfg.get("num_negatives") or 1)
+    rejected = m.get("rejected_input_file")
+    configs: list[dict] = [
+        {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}], "default": True}
+    ]
+    if rejected:
+        configs.append({"config_name": "rejected_input", "data_files": [{"split": "train", "path": rejected}]})
+    front = {
+        "configs": configs,
+        "tags": ["sentence-transformers", "hard-negatives", "negprep"],
+        "task_categories": ["sentence-similarity"],
+        "size_categories": [size_category(int(m.get("rows", 0)))],
+        "pretty_name": f"Hard negatives mined by negprep ({fmt})",
+    }
+    created = m.get("created_unix")
+    when = dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%d") if created else "unknown date"
+    model = cfg.get("model", "?")
+    rules = [
+        f"`{k}`: {cfg[k]}"
+        for k in (
+            "range_min",
+            "range_max",
+            "relative_margin",
+            "absolute_margin",
+            "max_score",
+            "min_score",
+            "sampling",
+            "seed",
+        )
+        if cfg.get(k) is not None
+    ]
+    guide = cfg.get("guide")
+    text_cols = (
+        ["query", "positive", "negative"]
+        if fmt == "triplet"
+        else (["query", "positive"] + [f"negative_{i}" for i in range(1, n + 1)])
+    )
+    out_path = m.get("output", "OUTPUT")
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# Hard negatives mined by negprep ({fmt})",
+        "",
+        f"Training data for text-embedding models: {c.get('pairs', 0):,} (query, positive) pairs of "
+        f"{c.get('queries', 0):,} queries, each with up to {n} hard negatives mined from a corpus of "
+        f"{c.get('passages', 0):,} passages; {m.get('rows', 0):,} rows in `{fmt}` format.",
+        "",
+        "## How it was made",
+        "",
+        f"- Input: `{_md(cfg.get('input'))}` (split `{cfg.get('split', 'train')}`).",
+        f"- Every query and passage was embedded with `{_md(model)}` and searched exactly (inner product) against "
+        "the whole corpus; the query's labelled positives were removed from its neighbours.",
+        "- Negatives are candidates in the rank window that pass positive-aware rules (NV-Retriever): "
+        + ", ".join(rules)
+        + ".",
+    ]
+    if guide:
+        lines.append(f"- A guide model `{_md(guide.get('model'))}` vetted the candidates and gave teacher scores.")
+    lines += [
+        f"- Made by negprep {m.get('negprep_version') or ''} on {when}; the full configuration, input checksums "
+        "and package versions are in `manifest.json`, plots in `report.html`.",
+        "",
+        "## Counts",
+        "",
+        "| | |",
+        "|---|---:|",
+    ]
+    for label, key in (
+        ("passages", "passages"),
+        ("queries with positives", "queries"),
+        ("positives", "positives"),
+        ("candidates in the rank window", "candidates"),
+        ("kept by the rules", "kept"),
+        ("negatives chosen", "negatives"),
+        ("pairs short of negatives", "pairs_short"),
+        ("output rows", "rows"),
+        ("input rows rejected", "rejected_input_rows"),
+    ):
+        v = m.get("rows") if key == "rows" else c.get(key)
+        if v is not None:
+            lines.append(f"| {label} | {v:,} |")
+    for k, v in c.items():
+        if k.startswith("dropped_") and v:
+            lines.append(f"| dropped by `{k.removeprefix('dropped_')}` | {v:,} |")
+    lines += [
+        "",
+        "Every input row is accounted for (rows read = used + not used + rejected):",
+        "",
+        "| input | read | used | not used | rejected |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for role, s in (m.get("inputs") or {}).items():
+        unused = sum(v for k, v in s.items() if k.startswith("rows_unused_"))
+        why = ", ".join(f"{k} {v:,}" for k, v in (s.get("rejected") or {}).items()) or "0"
+        lines.append(f"| {role} | {s.get('rows_read', 0):,} | {s.get('rows_used', 0):,} | {unused:,} | {why} |")
+    if rejected:
+        lines += ["", f"The rejected input rows, with line and reason, are in `{rejected}`."]
+    lines += [
+        "",
+        "## Schema",
+        "",
+        f"Contract `schemas/{fmt}.yaml` of negprep:",
+        "",
+        "| column | type | meaning |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{name}` | {typ} | {_md(meaning)} |" for name, typ, meaning in _columns(fmt, n, columns)]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import datasets",
+        "",
+        f'ds = datasets.load_dataset("parquet", data_files="{out_path}/data/*.parquet", split="train")',
+        "# or, thanks to this card's `configs`, from the folder or a Hub repository holding it:",
+        f'# ds = datasets.load_dataset("{out_path}", split="train")',
+        "",
+        "# sentence-transformers passes every column except label/score to the loss, in order:",
+        f"train = ds.select_columns({text_cols!r})",
+        "```",
+        "",
+        "The text columns come first, in the order sentence-transformers' MultipleNegativesRankingLoss "
+        "expects; the id, score and rank columns tell where every negative came from.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(out: Folder, manifest: dict) -> str:
+    """Write README.md into the output folder, with the columns of its first data file; returns its URL."""
+    columns = None
+    files = manifest.get("data_files") or []
+    if files:
+        import pyarrow.parquet as pq
+
+        with out.open(files[0]) as f:
+            columns = pq.read_schema(f).names
+    out.write_bytes("README.md", dataset_card(manifest, columns).encode("utf-8"))
+    return out.uri("README.md")

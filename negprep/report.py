@@ -1,0 +1,488 @@
+"""The run report: one self-contained HTML page (inline SVG plots, no scripts, no links) per output.
+
+Built from the manifest alone, so `negprep report OUTPUT` rebuilds it from a published dataset. The
+runner stores what the plots need in `manifest["histograms"]` (fixed-bin histograms of the mine
+tasks' score samples, exact count distributions), computed here by `histograms`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from negprep.errors import InputError
+from negprep.paths import Folder
+
+log = logging.getLogger(__name__)
+
+BINS = 40  # score and margin histograms; fixed so reports of different runs compare by eye
+POS, NEG, THIRD = "#2f6db5", "#d9663b", "#5a9e4b"
+
+
+# ---------------------------------------------------------------------------------------------
+# Histogram data for the manifest
+
+
+def _edges(*arrays: np.ndarray, bins: int = BINS) -> np.ndarray | None:
+    data = [np.asarray(a, dtype=np.float64) for a in arrays if a is not None and len(a)]
+    data = [a[np.isfinite(a)] for a in data]
+    data = [a for a in data if len(a)]
+    if not data:
+        return None
+    lo, hi = min(float(a.min()) for a in data), max(float(a.max()) for a in data)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def _counts(a: np.ndarray | None, edges: np.ndarray) -> list[int]:
+    if a is None or not len(a):
+        return [0] * (len(edges) - 1)
+    a = np.asarray(a, dtype=np.float64)
+    return np.histogram(a[np.isfinite(a)], bins=edges)[0].astype(int).tolist()
+
+
+def _shared(samples: dict[str, np.ndarray], names: dict[str, str]) -> dict | None:
+    """Histograms of several samples over one set of edges (so their bars line up)."""
+    arrays = {label: samples.get(key) for label, key in names.items()}
+    edges = _edges(*arrays.values())
+    if edges is None:
+        return None
+    out: dict[str, Any] = {"edges": [round(float(e), 6) for e in edges]}
+    for label, a in arrays.items():
+        out[label] = _counts(a, edges)
+    out["sampled"] = {label: 0 if a is None else int(len(a)) for label, a in arrays.items()}
+    return out
+
+
+def merge_distributions(parts: Sequence[dict[str, Sequence[int]]]) -> dict[str, list[int]]:
+    """Element-wise sums of the mine tasks' exact count distributions (lists indexed by value)."""
+    out: dict[str, list[int]] = {}
+    for part in parts:
+        for key, counts in (part or {}).items():
+            acc = out.setdefault(key, [])
+            if len(acc) < len(counts):
+                acc.extend([0] * (len(counts) - len(acc)))
+            for i, c in enumerate(counts):
+                acc[i] += int(c)
+    return out
+
+
+def histograms(samples: dict[str, np.ndarray], distributions: dict[str, list[int]] | None = None) -> dict:
+    """The manifest's `histograms`: what the report plots, small enough to keep in JSON.
+
+    Args:
+        samples: the mine tasks' concatenated samples (positive_scores, negative_scores, margins,
+            negative_ranks, kept_scores, rejected_scores and the guide's, as far as present).
+        distributions: exact counts indexed by value (negatives_per_pair, kept_per_query).
+    """
+    out: dict[str, Any] = {}
+    specs = {
+        "scores": {"positive": "positive_scores", "negative": "negative_scores"},
+        "candidate_scores": {"kept": "kept_scores", "dropped": "rejected_scores"},
+        "guide_scores": {"positive": "positive_guide_scores", "negative": "negative_guide_scores"},
+        "margins": {"margin": "margins"},
+    }
+    for name, names in specs.items():
+        if any(samples.get(k) is not None and len(samples[k]) for k in names.values()):
+            h = _shared(samples, names)
+            if h:
+                out[name] = h
+    ranks = samples.get("negative_ranks")
+    if ranks is not None and len(ranks):
+        out["negative_ranks"] = {"counts": np.bincount(np.asarray(ranks, dtype=np.int64)).astype(int).tolist()}
+    for key, counts in (distributions or {}).items():
+        out[key] = {"counts": [int(c) for c in counts]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG plots
+
+W, H = 660, 250
+ML, MR, MT, MB = 64, 16, 30, 46  # the top margin holds the legend
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if float(v).is_integer() and abs(v) < 1e7:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.ceil(lo / step - 1e-9) * step
+    out, v = [], start
+    while v <= hi + step * 1e-6:
+        out.append(round(v, 12))
+        v += step
+    return out
+
+
+class _Plot:
+    """A plot area with linear axes; elements are appended as SVG strings."""
+
+    def __init__(self, x0: float, x1: float, y1: float, xlabel: str, ylabel: str, title: str):
+        self.x0, self.x1 = x0, x1 if x1 > x0 else x0 + 1
+        self.y1 = y1 if y1 > 0 else 1
+        self.parts: list[str] = []
+        self.xlabel, self.ylabel, self.title = xlabel, ylabel, title
+
+    def x(self, v: float) -> float:
+        return ML + (v - self.x0) / (self.x1 - self.x0) * (W - ML - MR)
+
+    def y(self, v: float) -> float:
+        return H - MB - v / self.y1 * (H - MT - MB)
+
+    def rect(self, a: float, b: float, v: float, color: str, opacity: float = 0.6, tip: str = "") -> None:
+        x, y = self.x(a), self.y(v)
+        w, h = max(self.x(b) - x - 0.5, 0.8), self.y(0) - y
+        t = f"<title>{html.escape(tip)}</title>" if tip else ""
+        self.parts.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="{color}" '
+            f'fill-opacity="{opacity}">{t}</rect>'
+        )
+
+    def vline(self, v: float, label: str, color: str = "#444") -> None:
+        if not self.x0 <= v <= self.x1:
+            return
+        x = self.x(v)
+        self.parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" stroke="{color}" stroke-dasharray="4 3"/>'
+            f'<text x="{x + 4:.1f}" y="{MT + 10}" class="note">{html.escape(label)}</text>'
+        )
+
+    def svg(self, legend: Sequence[tuple[str, str]] = (), xticks: Sequence[float] | None = None) -> str:
+        axes = [
+            f'<line x1="{ML}" x2="{W - MR}" y1="{H - MB}" y2="{H - MB}" class="axis"/>',
+            f'<line x1="{ML}" x2="{ML}" y1="{MT}" y2="{H - MB}" class="axis"/>',
+        ]
+        for t in xticks if xticks is not None else _ticks(self.x0, self.x1, 6):
+            x = self.x(t)
+            axes.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{H - MB}" y2="{H - MB + 4}" class="axis"/>'
+                f'<text x="{x:.1f}" y="{H - MB + 16}" text-anchor="middle">{_fmt(t)}</text>'
+            )
+        grid = []
+        for t in _ticks(0, self.y1, 4):
+            y = self.y(t)
+            grid.append(f'<line x1="{ML}" x2="{W - MR}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+            axes.append(f'<text x="{ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+        axes.append(f'<text x="{(ML + W - MR) / 2}" y="{H - 8}" text-anchor="middle">{html.escape(self.xlabel)}</text>')
+        axes.append(
+            f'<text transform="translate(14 {(MT + H - MB) / 2}) rotate(-90)" text-anchor="middle">'
+            f"{html.escape(self.ylabel)}</text>"
+        )
+        leg, x = [], ML
+        for label, color in legend:  # one row above the plot area, left to right
+            leg.append(
+                f'<rect x="{x}" y="8" width="11" height="11" fill="{color}" fill-opacity="0.7"/>'
+                f'<text x="{x + 16}" y="18">{html.escape(label)}</text>'
+            )
+            x += 16 + 6.2 * len(label) + 18
+        body = "".join(grid + self.parts + axes + leg)  # grid under the bars, axes and labels over them
+        return (
+            f'<svg class="plot" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
+            f'aria-label="{html.escape(self.title)}">{body}</svg>'
+        )
+
+
+def hist_svg(h: dict, series: Sequence[tuple[str, str, str]], xlabel: str, title: str, vlines=()) -> str:
+    """Overlaid histograms on shared edges; `series` = (key in h, legend label, colour)."""
+    edges = h["edges"]
+    present = [s for s in series if s[0] in h]
+    top = max((max(h[k]) if h[k] else 0) for k, _, _ in present) if present else 1
+    p = _Plot(edges[0], edges[-1], top * 1.08, xlabel, "count (sample)", title)
+    for key, label, color in present:
+        for a, b, c in zip(edges[:-1], edges[1:], h[key], strict=True):
+            if c:
+                p.rect(a, b, c, color, 0.55, f"{label} {_fmt(a)}..{_fmt(b)}: {c:,}")
+    for v, label in vlines:
+        p.vline(v, label)
+    legend = [(f"{label} (n={h.get('sampled', {}).get(key, sum(h[key])):,})", color) for key, label, color in present]
+    return p.svg(legend)
+
+
+def counts_svg(counts: Sequence[int], xlabel: str, ylabel: str, title: str, color: str = POS) -> str:
+    """Bars for exact counts indexed by an integer value 0..len-1."""
+    n = max(len(counts), 1)
+    p = _Plot(-0.5, n - 0.5, max(counts, default=0) * 1.08, xlabel, ylabel, title)
+    for i, c in enumerate(counts):
+        if c:
+            p.rect(i - 0.4, i + 0.4, c, color, 0.75, f"{i}: {c:,}")
+    step = max(1, math.ceil(n / 12))
+    return p.svg(xticks=list(range(0, n, step)))
+
+
+def funnel_svg(stages: Sequence[tuple[str, int, str]], title: str) -> str:
+    """Horizontal bars, one per (label, value, colour), labelled with their values."""
+    row, left, width = 26, 230, W - 230 - 90
+    top = max((v for _, v, _ in stages), default=0) or 1
+    parts = []
+    for i, (label, v, color) in enumerate(stages):
+        y = 8 + i * row
+        w = max(v / top * width, 1 if v else 0)
+        parts.append(
+            f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>'
+            f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{row - 8}" fill="{color}" fill-opacity="0.75">'
+            f"<title>{html.escape(label)}: {v:,}</title></rect>"
+            f'<text x="{left + w + 6:.1f}" y="{y + 15}">{v:,}</text>'
+        )
+    h = 16 + row * len(stages)
+    return (
+        f'<svg class="plot" viewBox="0 0 {W} {h}" width="{W}" height="{h}" role="img" '
+        f'aria-label="{html.escape(title)}">{"".join(parts)}</svg>'
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
+main{max-width:980px;margin:0 auto;padding:24px 28px 48px;background:#fff}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:30px 0 8px;border-bottom:1px solid #e3e5e8;padding-bottom:4px}
+p.sub{color:#666;margin:0 0 16px;word-break:break-all}p.note{color:#555;margin:4px 0 8px}
+.tiles{display:flex;flex-wrap:wrap;gap:10px}
+.tile{border:1px solid #e3e5e8;border-radius:6px;padding:8px 14px;min-width:120px}
+.tile b{display:block;font-size:20px}.tile span{color:#666;font-size:12px}.warn b{color:#b3471d}
+table{border-collapse:collapse;margin:6px 0;font-size:13px}td,th{border-bottom:1px solid #eceef1;padding:4px 10px;
+text-align:left;vertical-align:top}th{background:#f3f4f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
+svg.plot{display:block;max-width:100%;height:auto;margin:6px 0 2px}svg text{font-size:11px;fill:#333}
+svg .axis{stroke:#888}svg .grid{stroke:#eceef1}svg .note{fill:#444}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
+pre{background:#f3f4f6;padding:10px;overflow:auto}ul.problems{font-size:12px;color:#7a2e12;word-break:break-all}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _tile(label: str, value: Any, warn: bool = False) -> str:
+    shown = f"{value:,}" if isinstance(value, int) else _e(value)
+    return f'<div class="tile{" warn" if warn else ""}"><b>{shown}</b><span>{_e(label)}</span></div>'
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    cell = lambda v: f'<td class="n">{v:,}</td>' if isinstance(v, int) else f"<td>{_e(v)}</td>"  # noqa: E731
+    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _inputs_section(m: dict) -> str:
+    rows, problems = [], []
+    for role, s in (m.get("inputs") or {}).items():
+        unused = {k.removeprefix("rows_unused_"): v for k, v in s.items() if k.startswith("rows_unused_")}
+        rows.append(
+            [
+                role,
+                s.get("path", ""),
+                int(s.get("rows_read", 0)),
+                int(s.get("rows_used", 0)),
+                ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in unused.items() if v) or "-",
+                int(s.get("rows_rejected", 0)),
+                ", ".join(f"{k} {v:,}" for k, v in (s.get("rejected") or {}).items()) or "-",
+            ]
+        )
+        problems += s.get("problems") or []
+    out = _table(["input", "file", "rows read", "used", "not used", "rejected", "rejected by reason"], rows)
+    out += '<p class="note">rows read = used + not used + rejected, for every input.</p>'
+    if problems:
+        where = m.get("rejected_input_file")
+        all_in = f" (all of them: <code>{_e(where)}</code>)" if where else ""
+        out += f'<p class="note">First problems{all_in}:</p>'
+        out += '<ul class="problems">' + "".join(f"<li>{_e(p)}</li>" for p in problems[:20]) + "</ul>"
+    return out
+
+
+def _funnel(c: dict) -> str:
+    stages = [("candidates in rank window", int(c.get("candidates", 0)), "#7b8794")]
+    for k, v in c.items():
+        if k.startswith("dropped_") and v:
+            stages.append((f"dropped: {k.removeprefix('dropped_').replace('_', ' ')}", int(v), NEG))
+    stages.append(("kept", int(c.get("kept", 0)), THIRD))
+    stages.append(("chosen (over all pairs)", int(c.get("negatives", 0)), POS))
+    return funnel_svg(stages, "filter funnel")
+
+
+def _clusters(m: dict) -> str:
+    """Cluster sizes when the job clustered its queries; the manifest holds a list or a summary."""
+    hist = (m.get("histograms") or {}).get("cluster_sizes")
+    info = m.get("clusters") or (m.get("counts") or {}).get("clusters")
+    if not hist and not info:
+        return ""
+    out = "<h2>Clusters</h2>"
+    sizes = info.get("sizes") if isinstance(info, dict) else None
+    if isinstance(info, dict):
+        flat = {k: v for k, v in info.items() if not isinstance(v, (dict, list))}
+        if isinstance(sizes, dict):
+            flat |= {f"queries per cluster, {k}": v for k, v in sizes.items()}
+        out += '<p class="note">' + " &middot; ".join(f"{_e(k)} {_e(v)}" for k, v in flat.items()) + "</p>"
+    elif info is not None:
+        out += f'<p class="note">clusters: {_e(info)}</p>'
+    if hist:
+        key = next(k for k in hist if k not in ("edges", "sampled"))
+        out += hist_svg(hist, [(key, "clusters", POS)], "queries per cluster", "cluster sizes")
+    elif isinstance(sizes, list) and sizes:
+        arr = np.asarray(sizes, dtype=np.int64)
+        if arr.max() <= 60:  # exact: one bar per size
+            out += counts_svg(np.bincount(arr).tolist(), "queries per cluster", "clusters", "cluster sizes")
+        else:
+            edges = _edges(arr)
+            h = {"edges": edges.tolist(), "clusters": _counts(arr, edges)}
+            out += hist_svg(h, [("clusters", "clusters", POS)], "queries per cluster", "cluster sizes")
+    return out
+
+
+def render(m: dict) -> str:
+    """The report page for manifest `m`, as one HTML string."""
+    c = m.get("counts") or {}
+    cfg = m.get("config") or {}
+    h = m.get("histograms") or {}
+    created = m.get("created_unix")
+    when = dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if created else "?"
+    out = [
+        f'<h1>negprep report</h1><p class="sub">{_e(m.get("output", ""))} &middot; {m.get("rows", 0):,} '
+        f"{_e(m.get('format', ''))} rows &middot; model {_e(cfg.get('model', ''))} &middot; {when} &middot; "
+        f"negprep {_e(m.get('negprep_version') or '')}</p>",
+        '<div class="tiles">',
+        _tile("output rows", int(m.get("rows", 0))),
+        _tile("queries", int(c.get("queries", 0))),
+        _tile("(query, positive) pairs", int(c.get("pairs", 0))),
+        _tile("negatives chosen", int(c.get("negatives", 0))),
+        _tile(f"pairs short of {cfg.get('num_negatives', '?')}", int(c.get("pairs_short", 0)), c.get("pairs_short", 0)),
+        _tile("input rows rejected", int(c.get("rejected_input_rows", 0)), c.get("rejected_input_rows", 0)),
+        "</div>",
+        "<h2>Inputs</h2>",
+        _inputs_section(m),
+        "<h2>Scores</h2>",
+    ]
+    if "scores" in h:
+        out.append(
+            hist_svg(
+                h["scores"],
+                [("positive", "positives", POS), ("negative", "chosen negatives", NEG)],
+                "mining-model score",
+                "positive vs negative scores",
+            )
+        )
+    else:
+        out.append('<p class="note">No scores: the job produced no pairs.</p>')
+    if "candidate_scores" in h:
+        out.append('<p class="note">All candidates in the rank window: kept by the rules vs dropped.</p>')
+        out.append(
+            hist_svg(
+                h["candidate_scores"],
+                [("kept", "kept candidates", THIRD), ("dropped", "dropped candidates", NEG)],
+                "mining-model score",
+                "kept vs dropped candidates",
+            )
+        )
+    if "guide_scores" in h:
+        out.append('<p class="note">Guide model (teacher) scores.</p>')
+        out.append(
+            hist_svg(
+                h["guide_scores"],
+                [("positive", "positive", POS), ("negative", "chosen negatives", NEG)],
+                "guide-model score",
+                "guide scores",
+            )
+        )
+    out.append("<h2>Margins</h2>")
+    if "margins" in h:
+        out.append(
+            '<p class="note">Positive score minus negative score, per output row: near or below 0 are negatives '
+            "the model finds as relevant as the positive (false-negative risk).</p>"
+        )
+        vlines = [(0.0, "0")]
+        if cfg.get("absolute_margin"):
+            vlines.append((float(cfg["absolute_margin"]), f"absolute_margin {cfg['absolute_margin']}"))
+        out.append(hist_svg(h["margins"], [("margin", "margin", POS)], "positive - negative score", "margins", vlines))
+    else:
+        out.append('<p class="note">No margins recorded.</p>')
+    out += ["<h2>Filter funnel</h2>", _funnel(c)]
+    out.append(
+        f'<p class="note">Candidates in ranks [{_e(cfg.get("range_min", 0))}, {_e(cfg.get("range_max", "?"))}) '
+        "of every query; each is kept or dropped by the first rule that rejects it. Chosen negatives are counted "
+        "per (query, positive) pair, so a kept candidate can be chosen for several pairs.</p>"
+    )
+    out.append("<h2>Negatives per query</h2>")
+    if "negatives_per_pair" in h:
+        out.append(
+            counts_svg(
+                h["negatives_per_pair"]["counts"],
+                "negatives chosen",
+                "(query, positive) pairs",
+                "negatives per pair",
+            )
+        )
+    if "kept_per_query" in h:
+        out.append('<p class="note">Candidates left after the rules, per query.</p>')
+        out.append(counts_svg(h["kept_per_query"]["counts"], "kept candidates", "queries", "kept per query", THIRD))
+    if "negative_ranks" in h:
+        out.append("<h2>Negative ranks</h2>")
+        out.append(counts_svg(h["negative_ranks"]["counts"], "rank (0 = nearest non-positive)", "negatives", "ranks"))
+    out.append(_clusters(m))
+    timings = m.get("timings_s") or {}
+    out += [
+        "<h2>Job</h2>",
+        _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]),
+        "<pre>" + _e(json.dumps(cfg, indent=2, default=str)) + "</pre>",
+        _table(["package", "version"], [[k, v or "-"] for k, v in (m.get("versions") or {}).items()]),
+    ]
+    title = f"negprep report: {m.get('output', '')}"
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
+        f"<body><main>{''.join(out)}</main></body></html>"
+    )
+
+
+def write_report(out: Folder, manifest: dict) -> str:
+    """Write `report.html` into the output folder; returns its URL."""
+    out.write_bytes("report.html", render(manifest).encode("utf-8"))
+    return out.uri("report.html")
+
+
+def rebuild(output: str, card: bool = False, storage_options: dict | None = None) -> list[str]:
+    """`negprep report OUTPUT`: rewrite report.html (and README.md with `card`) from the manifest."""
+    out = Folder(output, storage_options)
+    if not out.exists("manifest.json"):
+        raise InputError(f"{output}: no manifest.json here (not a finished negprep output?)")
+    try:
+        manifest = out.read_json("manifest.json")
+    except ValueError as e:
+        raise InputError(f"{output}/manifest.json: not valid JSON: {e}") from None
+    written = [write_report(out, manifest)]
+    if card:
+        from negprep.card import write_card
+
+        written.append(write_card(out, manifest))
+    return written
+
+
+def publish_docs(out: Folder, manifest: dict) -> None:
+    """README.md and report.html next to the data. A failure here costs the page, never the run:
+    it is logged, and `negprep report OUTPUT --card` rebuilds both from the manifest."""
+    from negprep.card import write_card
+
+    for write in (write_card, write_report):
+        try:
+            write(out, manifest)
+        except Exception:  # noqa: BLE001 - documentation must not fail a finished dataset
+            log.exception("could not write %s; rebuild with `negprep report %s --card`", write.__name__, out.url)

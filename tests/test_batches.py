@@ -1,0 +1,240 @@
+"""Batch composition (negprep.batches) on hand-made rows: the invariants every plan must keep."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from negprep.batches import compose, interleave, pack, split_files
+from negprep.stages.cluster import cluster_count, sample_rows
+
+
+def check_plan(cluster, query, texts, batch_size, partial, plan) -> None:
+    """The invariants of a plan, for any input."""
+    n = len(cluster)
+    texts = np.asarray(texts).reshape(n, -1) if n else np.zeros((0, 1), dtype=np.int64)
+    c = plan.counts
+    # every row exactly once, unless dropped and counted
+    assert len(plan.order) == len(set(plan.order.tolist())) == c["rows_batched"]
+    assert c["rows_batched"] + c["rows_dropped"] == c["rows"] == n
+    assert plan.order.min(initial=0) >= 0 and plan.order.max(initial=-1) < n
+    if partial == "keep":
+        assert c["rows_dropped"] == 0 and sorted(plan.order.tolist()) == list(range(n))
+    # batches are contiguous and numbered 0, 1, ... in output order
+    bid = plan.batch_id
+    assert len(bid) == len(plan.order)
+    assert (np.diff(bid) >= 0).all() and (np.diff(bid) <= 1).all() and (len(bid) == 0 or bid[0] == 0)
+    sizes = np.bincount(bid, minlength=len(plan.mixed))
+    assert len(sizes) == len(plan.mixed) == c["batches"]
+    assert (sizes >= 1).all() and (sizes <= batch_size).all()
+    if partial != "keep":
+        assert (sizes == batch_size).all()  # a reader slicing by batch_size sees exactly these batches
+    assert int((sizes < batch_size).sum()) == c["batches_short"]
+    assert int(plan.mixed.sum()) == c["batches_mixed"]
+    assert sum(int(s) for s, m in zip(sizes, plan.mixed, strict=True) if m) == c["rows_merged"]
+    if partial != "merge":
+        assert c["batches_mixed"] == 0
+    for b in range(len(sizes)):
+        rows = plan.order[bid == b]
+        if not plan.mixed[b]:
+            assert len(set(cluster[rows].tolist())) == 1, "a batch draws from one cluster"
+        # no key (query or text) in two rows of one batch
+        owners = Counter(k for r in rows for k in {int(query[r]), *texts[r].tolist()})
+        assert max(owners.values()) == 1
+
+
+def test_triplets_of_one_cluster_fill_whole_batches():
+    # 8 queries x 3 triplets, each query its own positive and negatives: 24 rows, batches of 4
+    q = np.repeat(np.arange(8), 3)
+    texts = np.stack([100 + q, 1000 + np.arange(24)], axis=1)
+    plan = compose(np.zeros(24), q, texts, 4, seed=1)
+    check_plan(np.zeros(24), q, texts, 4, "merge", plan)
+    assert plan.counts["batches"] == 6 and plan.counts["rows_dropped"] == 0 and plan.counts["batches_mixed"] == 0
+
+
+def test_shared_negative_never_twice_in_a_batch():
+    # every query's rows use negative 7 or 8: a batch can hold each at most once
+    q = np.arange(500, 512)
+    texts = np.stack([100 + q, 7 + (q % 2)], axis=1)
+    plan = compose(np.zeros(12), q, texts, 2, seed=0, partial="keep")
+    check_plan(np.zeros(12), q, texts, 2, "keep", plan)
+    assert plan.counts["batches"] == 6 and plan.counts["batches_short"] == 0
+
+
+def test_same_text_under_two_ids_is_one_key():
+    # rows 0 and 1: query text of row 1 equals the positive text of row 0 (same key)
+    q = np.array([1, 2])
+    texts = np.array([[2, 10], [20, 30]])
+    plan = compose(np.zeros(2), q, texts, 2, seed=0, partial="keep")
+    assert plan.counts["batches"] == 2
+
+
+@pytest.mark.parametrize("partial", ["merge", "drop", "keep"])
+def test_cluster_ends(partial):
+    # cluster 0: 5 queries (one row each), cluster 1: 3; batches of 2 -> one short batch per cluster
+    cluster = np.array([0] * 5 + [1] * 3)
+    q = np.arange(8)
+    texts = (100 + q)[:, None]
+    plan = compose(cluster, q, texts, 2, seed=3, partial=partial)
+    check_plan(cluster, q, texts, 2, partial, plan)
+    c = plan.counts
+    if partial == "merge":  # the two leftover rows (one per cluster) make one mixed batch
+        assert (c["batches"], c["batches_mixed"], c["rows_merged"], c["rows_dropped"]) == (4, 1, 2, 0)
+    elif partial == "drop":
+        assert (c["batches"], c["rows_dropped"]) == (3, 2)
+    else:
+        assert (c["batches"], c["batches_short"]) == (5, 2)
+
+
+def test_merge_drops_what_cannot_fill_a_batch_and_counts_it():
+    # one query with 3 rows in its own cluster: no batch of 2 can hold it twice
+    cluster = np.zeros(3)
+    q = np.zeros(3)
+    texts = np.array([[1, 2], [1, 3], [1, 4]])
+    plan = compose(cluster, q, texts, 2, seed=0, partial="merge")
+    check_plan(cluster, q, texts, 2, "merge", plan)
+    assert plan.counts["rows_dropped"] == 3 and plan.counts["batches"] == 0
+
+
+def test_seeded_and_shuffled():
+    rng = np.random.default_rng(0)
+    cluster = rng.integers(0, 4, 400)
+    q = rng.integers(0, 120, 400) + 1000 * cluster  # a query belongs to one cluster
+    texts = rng.integers(10_000, 20_000, (400, 2))
+    a = compose(cluster, q, texts, 8, seed=5)
+    b = compose(cluster, q, texts, 8, seed=5)
+    c = compose(cluster, q, texts, 8, seed=6)
+    assert (a.order == b.order).all() and (a.batch_id == b.batch_id).all()
+    assert not np.array_equal(a.order, c.order)
+    # batch order is shuffled: clusters do not come in one run each
+    first = cluster[a.order][np.r_[0, np.flatnonzero(np.diff(a.batch_id)) + 1]]
+    assert (np.diff(first) != 0).sum() > 4
+
+
+def test_interleave_spreads_a_querys_rows():
+    q = np.array([5, 5, 5, 6, 6, 7])
+    level, prio = interleave(q, np.random.default_rng(0))
+    assert sorted(level[q == 5].tolist()) == [0, 1, 2] and sorted(level[q == 6].tolist()) == [0, 1]
+    assert len(set(prio[[0, 3, 5]].tolist())) == 3 and len(set(prio[q == 5].tolist())) == 1
+
+
+def test_pack_window_bounds_look_ahead():
+    keys = [(0,), (0,), (1,)]
+    assert pack(np.arange(3), keys, 2, window=2) == [[0], [1, 2]]
+    assert pack(np.arange(3), keys, 2, window=3) == [[0, 2], [1]]
+
+
+def test_split_files_keeps_batches_whole():
+    cuts = split_files(np.array([4, 4, 4, 4, 4]), 2)
+    assert cuts.tolist() in ([0, 8, 20], [0, 12, 20])
+    assert split_files(np.array([3, 3]), 1).tolist() == [0, 6]
+    assert split_files(np.array([], dtype=np.int64), 1).tolist() == [0, 0]
+
+
+def test_cluster_count():
+    assert cluster_count(809, None, 32) == 6  # 809 // (4 * 32)
+    assert cluster_count(50, None, 32) == 1
+    assert cluster_count(50, 80, None) == 50  # never more clusters than queries
+    assert cluster_count(500, 7, 32) == 7
+
+
+def test_sample_rows_is_seeded_and_sorted():
+    assert sample_rows(10, 20, 1) is None
+    a = sample_rows(1000, 50, 1)
+    assert len(set(a.tolist())) == 50 and (np.diff(a) > 0).all()
+    assert (a == sample_rows(1000, 50, 1)).all() and not (a == sample_rows(1000, 50, 2)).all()
+
+
+@st.composite
+def row_sets(draw):
+    n = draw(st.integers(0, 80))
+    clusters = draw(st.integers(1, 4))
+    cluster = np.array(draw(st.lists(st.integers(0, clusters - 1), min_size=n, max_size=n)), dtype=np.int64)
+    qpool = draw(st.integers(1, 30))
+    query = np.array(draw(st.lists(st.integers(0, qpool), min_size=n, max_size=n)), dtype=np.int64)
+    query = query * 8 + cluster  # a query's rows share its cluster, as in a real output
+    m = draw(st.integers(1, 3))
+    tpool = draw(st.integers(1, 60))
+    # text keys may collide with each other and with query keys: both are text hashes
+    texts = np.array(draw(st.lists(st.integers(0, tpool), min_size=n * m, max_size=n * m)), dtype=np.int64)
+    return cluster, query, texts.reshape(n, m)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=row_sets(),
+    batch_size=st.integers(1, 6),
+    partial=st.sampled_from(["merge", "drop", "keep"]),
+    seed=st.integers(0, 2**32),
+    window=st.sampled_from([None, 1, 3]),
+)
+def test_invariants_hold_for_any_rows(rows, batch_size, partial, seed, window):
+    cluster, query, texts = rows
+    plan = compose(cluster, query, texts, batch_size, seed, partial, window)
+    check_plan(cluster, query, texts, batch_size, partial, plan)
+
+
+def test_batch_step_on_staged_ntuple_files(tmp_path):
+    """compose_plan + write_part (the Ray tasks' bodies) over two staged files, without Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from negprep.paths import Folder
+    from negprep.schemas import schema
+    from negprep.stages.batch import compose_plan, passage_id_columns, write_part
+    from negprep.stages.read import text_key
+
+    texts = {f"p{i}": f"positive {i}" for i in range(8)} | {f"x{i}": f"other {i}" for i in range(8)}
+    texts |= {"d0": "Shared  Passage", "d0copy": "shared passage", "d1": "another shared one"}
+    corpus = Folder(str(tmp_path / "corpus"))
+    corpus.write_parquet("00000.parquet", pa.table({"id": list(texts), "text": list(texts.values()),
+                                                    "text_key": [text_key(t) for t in texts.values()]}))
+    queries = Folder(str(tmp_path / "queries"))
+    queries.write_parquet("00000.parquet", pa.table({"id": [f"q{i}" for i in range(8)],
+                                                     "text": [f"query {i}" for i in range(8)]}))
+    # q0..q3 in cluster 0, q4..q7 in cluster 1; the first negative is d0, its copy or d1
+    first = ["d0", "d0copy", "d1", "d0", "d1", "d0copy", "d1", "d0"]
+    rows = [{"query_id": f"q{i}", "positive_id": f"p{i}", "negative_1_id": first[i], "negative_2_id": f"x{i}",
+             "cluster_id": i // 4} for i in range(8)]
+    target = schema("ntuple", n=2, groups=("clusters",))
+    staged = Folder(str(tmp_path / "staged"))
+    for f, part in enumerate((rows[:5], rows[5:])):
+        cols = {}
+        for field in target:
+            name = field.name
+            if name in part[0]:
+                cols[name] = [r[name] for r in part]
+            elif name == "query":
+                cols[name] = [f"query {r['query_id'][1:]}" for r in part]
+            elif pa.types.is_string(field.type):
+                cols[name] = [texts[r[name + "_id"]] for r in part]
+            else:
+                cols[name] = [0] * len(part)
+        staged.write_parquet(f"train-{f:05d}-of-00002.parquet", pa.table(cols, schema=target))
+    names = staged.ls(".parquet")
+    ids = passage_id_columns("ntuple", 2)
+    assert ids == ["positive_id", "negative_1_id", "negative_2_id"]
+    stats, plan = compose_plan((staged, names), (corpus, ["00000.parquet"]), (queries, ["00000.parquet"]), ids,
+                               2, 7, "keep", 2)
+    assert stats["rows"] == stats["rows_batched"] == 8 and stats["files"] == 2
+    out = Folder(str(tmp_path / "out"))
+    written = [write_part((staged, names), plan, i, (out, f"train-{i:05d}-of-00002.parquet"), "ntuple", 2)
+               for i in range(2)]
+    assert sum(written) == 8
+    table = pq.read_table(str(tmp_path / "out"))
+    assert table.schema.equals(schema("ntuple", n=2, groups=("clusters", "batches")))
+    got = table.to_pylist()
+    assert sorted(r["query_id"] for r in got) == [f"q{i}" for i in range(8)]
+    by_batch: dict[int, list[dict]] = {}
+    for r in got:
+        by_batch.setdefault(r["batch_id"], []).append(r)
+    assert [r["batch_id"] for r in got] == sorted(r["batch_id"] for r in got)
+    for batch in by_batch.values():
+        assert len({r["cluster_id"] for r in batch}) == 1
+        # d0 and its copy (same normalised text) count as one passage
+        assert sum(r["negative_1_id"] in ("d0", "d0copy") for r in batch) <= 1
+        assert sum(r["negative_1_id"] == "d1" for r in batch) <= 1

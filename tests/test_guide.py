@@ -1,0 +1,125 @@
+"""The guide model: its rules on hand-made scores, and jobs with tiny bi- and cross-encoder guides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from negprep.config import parse_job
+from negprep.mining import KEEP, REASONS, Rules, classify
+from negprep.runner import run_job
+from negprep.schemas import schema
+from negprep.stages.mine import mine_candidates, rejected_rows, rows_for_output
+
+from .conftest import build_tiny_bert
+
+CODE = {name: i + 1 for i, name in enumerate(REASONS)}
+
+
+def test_gist_rule_drops_candidates_the_guide_scores_above_the_positive():
+    scores = np.array([[0.9, 0.8, 0.7]])
+    guide = np.array([[0.50, 0.71, 0.69]])  # guide positive score 0.7
+    code = classify(scores, np.array([0.95]), Rules(range_max=3, guide_absolute_margin=0.0), guide, np.array([0.7]))
+    assert code.tolist() == [[KEEP, CODE["guide_absolute_margin"], KEEP]]
+
+
+def test_guide_margin_tie_is_kept_and_margin_tightens():
+    guide = np.array([[0.7, 0.65, 0.6]])
+    rules = Rules(range_max=3, guide_absolute_margin=0.0)
+    assert classify(np.zeros((1, 3)), np.array([1.0]), rules, guide, np.array([0.7]))[0, 0] == KEEP
+    tight = Rules(range_max=3, guide_absolute_margin=0.08)
+    code = classify(np.zeros((1, 3)), np.array([1.0]), tight, guide, np.array([0.7]))
+    assert code.tolist() == [[CODE["guide_absolute_margin"]] * 2 + [KEEP]]
+
+
+def test_guide_relative_margin_with_negative_logit_scores():
+    # a guide that gives negative scores: positive -1.0, relative margin 0.1 -> threshold -1.1
+    guide = np.array([[-1.05, -1.2]])
+    code = classify(np.zeros((1, 2)), np.array([1.0]), Rules(range_max=2, guide_relative_margin=0.1), guide,
+                    np.array([-1.0]))
+    assert code.tolist() == [[CODE["guide_relative_margin"], KEEP]]
+
+
+def test_guide_max_score_and_miner_rules_count_first_reason_only():
+    scores = np.array([[0.99, 0.5, 0.4]])
+    guide = np.array([[0.1, 0.95, 0.2]])
+    rules = Rules(range_max=3, max_score=0.98, guide_max_score=0.9, guide_absolute_margin=0.0)
+    code = classify(scores, np.array([1.0]), rules, guide, np.array([0.3]))
+    assert code.tolist() == [[CODE["max_score"], CODE["guide_max_score"], KEEP]]
+
+
+def _tables(rows):
+    cand = pa.table({
+        "query_id": [r[0] for r in rows], "candidate_ids": [r[1] for r in rows],
+        "candidate_scores": [r[2] for r in rows], "positive_ids": [r[3] for r in rows],
+        "positive_scores": [r[4] for r in rows]})
+    guide = pa.table({"query_id": [r[0] for r in rows], "candidate_guide_scores": [r[5] for r in rows],
+                      "positive_guide_scores": [r[6] for r in rows]})
+    return cand, guide
+
+
+def test_several_positives_use_the_lowest_guide_positive_and_duplicates_always_go():
+    cand, guide = _tables([
+        # two positives with guide scores 0.9 and 0.6: the reference is 0.6
+        ("q1", ["a", "b", "c", "dup"], [0.5, 0.4, 0.3, 0.2], ["p1", "p2"], [0.8, 0.7], [0.65, 0.55, 0.1, 0.0],
+         [0.9, 0.6]),
+    ])
+    keys = {"a": 1, "b": 2, "c": 3, "dup": 10, "p1": 10, "p2": 11}  # "dup" has p1's normalised text
+    mined, counts = mine_candidates(cand, Rules(num_negatives=3, range_max=4, guide_absolute_margin=0.0), guide, keys)
+    cols = rows_for_output(mined, "triplet", 3)
+    assert set(cols["negative_id"]) == {"b", "c"}
+    assert counts["dropped_guide_absolute_margin"] == 1 and counts["dropped_duplicate_of_positive"] == 1
+    assert cols["negative_guide_score"] == pytest.approx([0.55, 0.1] * 2)
+    assert cols["positive_guide_score"] == pytest.approx([0.9, 0.9, 0.6, 0.6])
+    audit = rejected_rows(mined)
+    assert audit.schema.equals(schema("rejected_candidates"))
+    assert sorted(zip(audit["candidate_id"].to_pylist(), audit["reason"].to_pylist(), strict=True)) == [
+        ("a", "guide_absolute_margin"), ("dup", "duplicate_of_positive")]
+
+
+def _job(tmp_path, data, model, guide, **kw):
+    base = {"input": str(data), "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+            "model": str(model), "num_negatives": 3, "range_max": 20, "guide": guide,
+            "rejected": str(tmp_path / "rejected")}
+    return parse_job({**base, **kw})
+
+
+def _check(tmp_path, m, data_positives=None):
+    table = pq.read_table(tmp_path / "out" / "data")
+    assert table.schema.equals(schema("triplet", groups=("guide",)))
+    assert table.num_rows == m["counts"]["negatives"] > 0
+    rows = table.to_pylist()
+    # every kept negative passed the GIST rule against its query's lowest positive guide score
+    low = {}
+    for r in rows:
+        low[r["query_id"]] = min(low.get(r["query_id"], 1e9), r["positive_guide_score"])
+    assert all(r["negative_guide_score"] <= low[r["query_id"]] + 1e-6 for r in rows)
+    audit = pq.read_table(tmp_path / "rejected")
+    c = m["counts"]
+    assert audit.num_rows == sum(v for k, v in c.items() if k.startswith("dropped_"))
+    assert c["kept"] + audit.num_rows == c["candidates"]
+    assert m["scores"]["kept_guide_scores"] and m["scores"]["rejected_guide_scores"]
+    return rows
+
+
+def test_biencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
+    guide = build_tiny_bert(tmp_path / "guide-bert", seed=1)
+    m = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(guide), "type": "biencoder",
+                                                      "absolute_margin": 0.0, "relative_margin": None}))
+    _check(tmp_path, m)
+    g = m["stages"]["guide"]
+    assert g["passages"] <= m["counts"]["passages"]  # only the texts it needs
+    # the guide being the mining model itself: its whole-corpus embeddings are reused, nothing re-embedded
+    m2 = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(tiny_bert)}), overwrite=True)
+    assert m2["stages"]["guide"]["passages"] == "whole corpus (cached)"
+    assert m2["stages"]["guide"]["embed"]["passages"]["rows_embedded"] == 0
+
+
+def test_crossencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
+    ce = build_tiny_bert(tmp_path / "tiny-ce", seed=2, classifier=True)
+    m = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(ce), "type": "crossencoder",
+                                                      "absolute_margin": 0.0, "relative_margin": None}, format="triplet"))
+    rows = _check(tmp_path, m)
+    assert all(0.0 <= r["negative_guide_score"] <= 1.0 for r in rows)  # sigmoid of one logit
