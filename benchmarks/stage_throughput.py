@@ -11,6 +11,7 @@ Two parts:
 
     .venv/bin/python benchmarks/stage_throughput.py            # prints a table, writes JSON
     .venv/bin/python benchmarks/stage_throughput.py --sizes 300 900 --search-corpus 100000
+    .venv/bin/python benchmarks/stage_throughput.py --parts pipeline    # keep the search figures
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def pipeline(args: argparse.Namespace, tmp: Path) -> list[dict]:
             runs.append({"passages": m["counts"]["passages"], "queries": m["counts"]["queries"], **m["timings_s"]})
         a, b = runs
         dp, dq = b["passages"] - a["passages"], b["queries"] - a["queries"]
+
+        def per_s(items: float, secs: float) -> float | None:
+            return round(items / secs, 2) if secs > 0 else None  # noise can make the difference negative
+
         rate = {
-            # embed does passages and queries; queries are short, count them as items too
-            "read_rows_per_s": (dp + dq) / max(1e-9, b["read"] - a["read"]),
-            "embed_passages_per_s": dp / max(1e-9, b["embed"] - a["embed"]),
-            "search_queries_per_s_at_these_sizes": b["queries"] / max(1e-9, b["search"]),
-            "mine_queries_per_s": b["queries"] / max(1e-9, b["mine"]),
+            "read_rows_per_s": per_s(dp + dq, b["read"] - a["read"]),
+            "embed_passages_per_s": per_s(dp, b["embed"] - a["embed"]),  # queries are few and short
+            "search_queries_per_s_at_these_sizes": per_s(b["queries"], b["search"]),
+            "mine_queries_per_s": per_s(b["queries"], b["mine"]),
         }
-        rows.append({"workers": workers, "runs": runs, "marginal_rates": {k: round(v, 2) for k, v in rate.items()}})
+        rows.append({"workers": workers, "runs": runs, "marginal_rates": rate})
     return rows
 
 
@@ -86,7 +90,7 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from negprep.config import SearchConfig
     from negprep.paths import Folder
     from negprep.schemas import conform
-    from negprep.stages.search import run_search
+    from negprep.stages.search import IndexShard, Piece, run_search, table_vectors
 
     rng = np.random.default_rng(0)
     dim, n, nq, per_file = 384, args.search_corpus, args.search_queries, 20_000
@@ -109,24 +113,47 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     write(qdir, "q.parquet", [f"q{j}" for j in range(nq)], vectors(nq))
     base.write_parquet("qrels.parquet", pa.table({"query_id": [f"q{j}" for j in range(nq)], "doc_id": ["d0"] * nq}))
     out = []
+    pieces = tuple(Piece(f"c{i}.parquet", 0, c["rows"]) for i, c in enumerate(corpus))
+    qvec = table_vectors(qdir.read_parquet("q.parquet"))[1]
+    k = 51  # range_max 50 + one positive
+    for index in ("flat", "ivf"):
+        for threads in (1, 2):
+            cfg = SearchConfig(index=index, threads=threads)
+            # negprep's index shard in this process: load + build, then query batches as the actor gets them
+            t0 = time.perf_counter()
+            shard = IndexShard(pdir, pieces, cfg, threads)
+            build = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            got = [shard.search(qvec[i : i + cfg.query_batch], k, [])[1] for i in range(0, nq, cfg.query_batch)]
+            secs = time.perf_counter() - t0
+            row = {"index": index, "threads": threads, "passages": n, "queries": nq}
+            row |= {"load_build_s": round(build, 2), "search_s": round(secs, 2)}
+            row |= {"load_build_rows_per_s": round(n / build), "queries_per_s": round(nq / secs, 1)}
+            row["pairs_per_s"] = round(n * nq / secs)
+            if index == "flat":
+                exact = np.concatenate(got)
+            else:
+                approx = np.concatenate(got)
+                hits = [len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]
+                row["recall_at_k"] = round(float(np.mean(hits)), 4)
+            out.append(row)
+            print(
+                f"  {index:4} threads {threads}: load+build {build:6.1f} s ({row['load_build_rows_per_s']:>8,} rows/s)"
+                f"  search {secs:6.1f} s ({row['queries_per_s']:>8,} queries/s, {row['pairs_per_s']:>13,} pairs/s)"
+                + (f"  recall@{k} {row['recall_at_k']}" if index != "flat" else "")
+            )
+            del shard
+    # and the whole stage through Ray (actors, coordinator tasks, merge, candidates files)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20, log_to_driver=False)
     try:
-        for index in ("flat", "ivf"):
-            for threads in (1, 2):
-                cfg = SearchConfig(index=index, threads=threads, recall_sample=200 if index != "flat" else 0)
-                t0 = time.perf_counter()
-                stats = run_search(
-                    cfg, (pdir, corpus), (qdir, [{"name": "q", "rows": nq, "digest": "q"}]),
-                    (base, "qrels.parquet"), Folder(str(tmp / f"s-{index}-{threads}")), 50,
-                )  # fmt: skip
-                secs = time.perf_counter() - t0
-                row = {"index": index, "threads": threads, "passages": n, "queries": nq, "seconds": round(secs, 2)}
-                row["pairs_per_s"] = round(n * nq / secs)
-                if index != "flat":
-                    row["recall_at_k"] = stats["recall"]["recall_at_k"]
-                out.append(row)
-                print(f"  search {index:4} threads {threads}: {secs:7.1f} s  {row['pairs_per_s']:>14,} pairs/s"
-                      + (f"  recall@k {row['recall_at_k']}" if index != "flat" else ""))
+        t0 = time.perf_counter()
+        run_search(
+            SearchConfig(), (pdir, corpus), (qdir, [{"name": "q", "rows": nq, "digest": "q"}]),
+            (base, "qrels.parquet"), Folder(str(tmp / "stage")), 50,
+        )  # fmt: skip
+        secs = time.perf_counter() - t0
+        out.append({"index": "flat", "stage_through_ray_s": round(secs, 2), "passages": n, "queries": nq})
+        print(f"  whole search stage through Ray (flat, 1 index shard, 2 CPUs): {secs:.1f} s")
     finally:
         ray.shutdown()
     return out
@@ -139,28 +166,31 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs=2, default=[300, 1200], help="two corpus sizes (passages)")
     ap.add_argument("--search-corpus", type=int, default=200_000)
     ap.add_argument("--search-queries", type=int, default=2000)
-    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--parts", nargs="+", choices=("search", "pipeline"), default=["search", "pipeline"],
+                    help="what to measure; the other part's results are kept from an existing --out file")
     ap.add_argument("--out", default="benchmarks/results/stage_throughput.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="negprep-tput-"))
-    result: dict = {"note": NOTE, "machine": platform.node(), "model": args.model}
-    print("search stage (negprep run_search, 384-d clustered vectors):")
-    result["search"] = search_rates(args, tmp / "search")
-    if not args.skip_pipeline:
+    out = Path(args.out)
+    result: dict = json.loads(out.read_text()) if out.exists() else {}
+    result |= {"note": NOTE, "machine": platform.node(), "model": args.model}
+    if "search" in args.parts:
+        print("search: negprep's IndexShard on 384-d clustered vectors, in this process:")
+        result["search"] = search_rates(args, tmp / "search")
+    if "pipeline" in args.parts:
         result["pipeline"] = pipeline(args, tmp / "pipeline")
         print(f"\nwhole job on {args.input} ({args.model}); marginal rates between {args.sizes} passages:")
         print(f"{'workers':>8} {'read rows/s':>12} {'embed passages/s':>17} {'search q/s':>11} {'mine q/s':>9}")
         for r in result["pipeline"]:
-            m = r["marginal_rates"]
+            m = {k: "-" if v is None else f"{v:.1f}" for k, v in r["marginal_rates"].items()}
             print(
-                f"{r['workers']:>8} {m['read_rows_per_s']:>12.0f} {m['embed_passages_per_s']:>17.1f}"
-                f" {m['search_queries_per_s_at_these_sizes']:>11.1f} {m['mine_queries_per_s']:>9.1f}"
+                f"{r['workers']:>8} {m['read_rows_per_s']:>12} {m['embed_passages_per_s']:>17}"
+                f" {m['search_queries_per_s_at_these_sizes']:>11} {m['mine_queries_per_s']:>9}"
             )
             for run in r["runs"]:
                 print(f"{'':>8} {run['passages']} passages: " + " ".join(
                     f"{k} {run[k]:.1f}s" for k in ("read", "embed", "search", "mine", "total")))
     print(NOTE)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

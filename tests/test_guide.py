@@ -119,7 +119,7 @@ def test_biencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
 
 def test_crossencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
     ce = build_tiny_bert(tmp_path / "tiny-ce", seed=2, classifier=True)
-    m = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(ce), "type": "crossencoder",
-                                                      "absolute_margin": 0.0, "relative_margin": None}, format="triplet"))
+    guide = {"model": str(ce), "type": "crossencoder", "absolute_margin": 0.0, "relative_margin": None}
+    m = run_job(_job(tmp_path, demo_data, tiny_bert, guide, format="triplet"))
     rows = _check(tmp_path, m)
     assert all(0.0 <= r["negative_guide_score"] <= 1.0 for r in rows)  # sigmoid of one logit

@@ -297,7 +297,7 @@ def test_killed_run_resumes_from_finished_shards(tiny_bert, demo_data, tmp_path,
     done = []
     while time.time() < deadline and proc.poll() is None:
         done = list(emb.glob("*/*.parquet")) if emb.exists() else []
-        if done:
+        if len(done) >= 3:  # a few finished shards, so the rerun has something to reuse
             break
         time.sleep(0.02)
     assert done, f"no embedding file appeared: {proc.stderr.read().decode()[-2000:] if proc.poll() else ''}"

@@ -121,7 +121,8 @@ def _dot64(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (q.astype(np.float64) * v.astype(np.float64)).sum(axis=-1).astype(np.float32)
 
 
-def _vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
+def table_vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
+    """Ids and the (rows, dim) float32 matrix of an embeddings table (schemas/embeddings.yaml)."""
     ids = table.column("id").to_pylist()
     col = table.column("embedding").combine_chunks()
     if len(col) == 0:
@@ -144,7 +145,7 @@ class IndexShard:
         ids: list[str] = []
         mats = []
         for p in pieces:
-            got, mat = _vectors(folder.read_parquet(p.name).slice(p.start, p.stop - p.start))
+            got, mat = table_vectors(folder.read_parquet(p.name).slice(p.start, p.stop - p.start))
             ids += got
             mats.append(mat)
         self.vecs = np.ascontiguousarray(np.concatenate(mats))
@@ -358,7 +359,7 @@ def search_query_shard(
     later merge. `recall_queries` > 0 also searches that many sampled queries exactly.
     """
     t0 = time.perf_counter()
-    qids, qvec = _vectors(query_emb[0].read_parquet(query_emb[1]))
+    qids, qvec = table_vectors(query_emb[0].read_parquet(query_emb[1]))
     positives = _positives(qrels, qids)
     k = range_max + max((len(p) for p in positives), default=0)
     scores, ids, found = _fan_out(actors, qvec, k, positives, query_batch)
