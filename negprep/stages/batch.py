@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from negprep import batches
 from negprep.paths import Folder
@@ -30,14 +29,6 @@ def passage_id_columns(fmt: str, n: int) -> list[str]:
     ]
 
 
-def _lookup(folder: Folder, names: list[str], ids: set[str], column: str) -> dict:
-    if not ids:
-        return {}
-    ds = pads.dataset([folder.path(n) for n in names], format="parquet", filesystem=folder.fs)
-    t = ds.to_table(columns=["id", column], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
-    return dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist(), strict=True))
-
-
 def row_keys(
     staged: tuple[Folder, list[str]],
     corpus: tuple[Folder, list[str]],
@@ -48,8 +39,8 @@ def row_keys(
     tables = [staged[0].read_parquet(name, columns=["query_id", "cluster_id", *id_columns]) for name in staged[1]]
     t = pa.concat_tables(tables)
     pids = {d for c in id_columns for d in pc.unique(t.column(c)).to_pylist()}
-    pkey = _lookup(*corpus, pids, "text_key")
-    qtext = _lookup(*queries, set(pc.unique(t.column("query_id")).to_pylist()), "text")
+    pkey = corpus[0].lookup(corpus[1], pids, "text_key")
+    qtext = queries[0].lookup(queries[1], set(pc.unique(t.column("query_id")).to_pylist()), "text")
     qkey = {q: text_key(s) for q, s in qtext.items()}
     texts = np.array([[pkey[d] for d in t.column(c).to_pylist()] for c in id_columns], dtype=np.int64)
     return {

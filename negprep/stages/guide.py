@@ -19,8 +19,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from negprep.models import encoder_specs, resolve_model
 from negprep.paths import Folder, stage_key
@@ -49,10 +47,10 @@ def needed_passages(
                               strict=True):
             need.update(_window(cids, range_min, range_max))
             need.update(pids)
-    folder = corpus[0]
-    ds = pads.dataset([folder.path(n) for n in corpus[1]], format="parquet", filesystem=folder.fs)
-    table = ds.to_table(columns=["id", "text"], filter=pc.field("id").isin(pa.array(sorted(need), pa.string())))
-    table = table.sort_by("id")  # a stable order, so the shard digests (cache keys) are stable
+    text = corpus[0].lookup(corpus[1], need, "text")
+    # a stable order, so the shard digests (cache keys) are stable
+    ordered = sorted(text)
+    table = pa.table({"id": pa.array(ordered, pa.string()), "text": pa.array([text[d] for d in ordered], pa.string())})
     shards = []
     for i, start in enumerate(range(0, table.num_rows, shard_rows)):
         part = table.slice(start, shard_rows).combine_chunks()
@@ -169,10 +167,7 @@ def cross_encoder_shard(
     rows = list(zip(cand.column("query_id").to_pylist(), cand.column("candidate_ids").to_pylist(),
                     cand.column("positive_ids").to_pylist(), strict=True))
     need = {d for _, cids, pids in rows for d in [*_window(cids, range_min, range_max), *pids]}
-    folder = corpus[0]
-    ds = pads.dataset([folder.path(n) for n in corpus[1]], format="parquet", filesystem=folder.fs)
-    t = ds.to_table(columns=["id", "text"], filter=pc.field("id").isin(pa.array(sorted(need), pa.string())))
-    ptext = dict(zip(t.column("id").to_pylist(), t.column("text").to_pylist(), strict=True))
+    ptext = corpus[0].lookup(corpus[1], need, "text")
     pq_, pp_ = [], []
     for q, cids, pids in rows:
         for d in [*_window(cids, range_min, range_max), *pids]:

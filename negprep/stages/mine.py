@@ -12,8 +12,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from negprep import mining
 from negprep.paths import Folder
@@ -167,15 +165,6 @@ def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
     return cols
 
 
-def _lookup(folder: Folder, names: list[str], ids: set[str], column: str) -> dict:
-    """id -> `column` for the given passage ids, read from the corpus shards with a pushed-down filter."""
-    if not ids:
-        return {}
-    ds = pads.dataset([folder.path(n) for n in names], format="parquet", filesystem=folder.fs)
-    t = ds.to_table(columns=["id", column], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
-    return dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist(), strict=True))
-
-
 def mine_shard(
     candidates: tuple[Folder, str],
     queries: tuple[Folder, str],
@@ -197,11 +186,11 @@ def mine_shard(
     gtable = guide[0].read_parquet(guide[1]) if guide else None
     window_ids = {d for c in cand.column("candidate_ids").to_pylist() for d in c[rules.range_min : rules.range_max]}
     pos_ids = {d for p in cand.column("positive_ids").to_pylist() for d in p}
-    keys = _lookup(corpus[0], corpus[1], window_ids | pos_ids, "text_key")
+    keys = corpus[0].lookup(corpus[1], window_ids | pos_ids, "text_key")
     mined, counts = mine_candidates(cand, rules, gtable, keys)
     cols = rows_for_output(mined, fmt, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
-    passages = _lookup(corpus[0], corpus[1], {d for c in id_cols for d in cols[c]}, "text")
+    passages = corpus[0].lookup(corpus[1], {d for c in id_cols for d in cols[c]}, "text")
     qt = queries[0].read_parquet(queries[1], columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     cols["query"] = [qtext[q] for q in cols["query_id"]]
