@@ -143,12 +143,14 @@ class IndexShard:
         faiss.omp_set_num_threads(threads)
         t0 = time.perf_counter()
         ids: list[str] = []
-        mats = []
+        vecs = None
         for p in pieces:
             got, mat = table_vectors(folder.read_parquet(p.name).slice(p.start, p.stop - p.start))
+            if vecs is None:  # filled piece by piece: the peak is the matrix plus one file, not twice the shard
+                vecs = np.empty((sum(x.stop - x.start for x in pieces), mat.shape[1]), dtype=np.float32)
+            vecs[len(ids) : len(ids) + len(got)] = mat
             ids += got
-            mats.append(mat)
-        self.vecs = np.ascontiguousarray(np.concatenate(mats))
+        self.vecs = vecs
         self.ids = np.array(ids, dtype=object)
         self.row = {d: r for r, d in enumerate(ids)}
         self.dim = self.vecs.shape[1]
