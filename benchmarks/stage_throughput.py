@@ -90,7 +90,8 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from negprep.config import SearchConfig
     from negprep.paths import Folder
     from negprep.schemas import conform
-    from negprep.stages.search import IndexShard, Piece, run_search, table_vectors
+    from negprep.stages.embed import table_vectors
+    from negprep.stages.search import IndexShard, Piece, run_search
 
     rng = np.random.default_rng(0)
     dim, n, nq, per_file = 384, args.search_corpus, args.search_queries, 20_000

@@ -113,12 +113,16 @@ def actor_layout(cpus: int, shards: int, actors: int | None, threads: int | None
     return n, threads or max(1, cpus // n)
 
 
-def load_embeddings(folder: Folder, name: str) -> tuple[list[str], np.ndarray]:
-    """Ids and the (n, dim) float32 matrix of one embedding shard."""
-    t = folder.read_parquet(name)
-    ids = t.column("id").to_pylist()
-    col = t.column("embedding").combine_chunks()
+def table_vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
+    """Ids and the (rows, dim) float32 matrix of an embeddings table (schemas/embeddings.yaml)."""
+    ids = table.column("id").to_pylist()
+    col = table.column("embedding").combine_chunks()
     if len(col) == 0:
         return ids, np.zeros((0, 0), dtype=np.float32)
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return ids, flat.reshape(len(col), -1)
+
+
+def load_embeddings(folder: Folder, name: str) -> tuple[list[str], np.ndarray]:
+    """Ids and the (n, dim) float32 matrix of one embedding shard."""
+    return table_vectors(folder.read_parquet(name))

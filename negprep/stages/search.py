@@ -37,6 +37,7 @@ from negprep.config import SearchConfig
 from negprep.errors import ConfigError
 from negprep.paths import Folder
 from negprep.schemas import conform
+from negprep.stages.embed import table_vectors
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +120,6 @@ def _dot64(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Row-wise dot products in float64, rounded to float32: the same value for a (query, passage)
     pair whatever batch or shard computed it (pairwise sum over a fixed-length axis)."""
     return (q.astype(np.float64) * v.astype(np.float64)).sum(axis=-1).astype(np.float32)
-
-
-def table_vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
-    """Ids and the (rows, dim) float32 matrix of an embeddings table (schemas/embeddings.yaml)."""
-    ids = table.column("id").to_pylist()
-    col = table.column("embedding").combine_chunks()
-    if len(col) == 0:
-        return ids, np.zeros((0, 0), dtype=np.float32)
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return ids, flat.reshape(len(col), -1)
 
 
 class IndexShard:
