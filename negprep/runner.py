@@ -27,7 +27,7 @@ from negprep.paths import Folder, stage_key
 from negprep.report import histograms, merge_distributions, publish_docs
 from negprep.stages.batch import run_batches
 from negprep.stages.cluster import run_cluster
-from negprep.stages.embed import run_embed
+from negprep.stages.embed import EmbedPart, run_embed
 from negprep.stages.guide import run_guide
 from negprep.stages.mine import mine_shard
 from negprep.stages.read import fingerprints, input_files, publish_rejected, read_key, run_read
@@ -172,7 +172,8 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
             read = rdir.read_json("stats.json")
         else:
             rdir.rm("_SUCCESS")
-            task = ray.remote(run_read).options(num_cpus=1, max_retries=job.ray.retries)
+            # max_calls=1: the worker exits afterwards, with whatever memory parsing the inputs took
+            task = ray.remote(num_cpus=1, max_retries=job.ray.retries, max_calls=1)(run_read)
             read = _get(task.remote(job, rdir, files, so))
             rdir.write_bytes("_SUCCESS", b"")
 
@@ -180,12 +181,9 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
         e = job.embed
         pspec, qspec = encoder_specs(resolved, e)
         pdir, qdir = work.sub("embeddings", pspec.key()), work.sub("embeddings", qspec.key())
-        embed_stats = {}
-        for kind, spec, src, shards, dst in (
-            ("corpus", pspec, rdir.sub("corpus"), read["corpus_shards"], pdir),
-            ("queries", qspec, rdir.sub("queries"), read["query_shards"], qdir),
-        ):
-            embed_stats[kind] = run_embed(spec, src, shards, dst, cpus, e, "embed" in again, job.ray.retries)
+        parts = [EmbedPart("corpus", pspec, rdir.sub("corpus"), read["corpus_shards"], pdir),
+                 EmbedPart("queries", qspec, rdir.sub("queries"), read["query_shards"], qdir)]
+        embed_stats = run_embed(parts, cpus, e, "embed" in again, job.ray.retries)
 
     corpus_emb = [f"{s['digest']}.parquet" for s in read["corpus_shards"]]
     with _timed(timings, "search"):

@@ -331,9 +331,9 @@ def test_killed_workers_are_replaced_and_output_is_unchanged(ray_session, tiny_b
 
     def killer() -> None:
         me = psutil.Process()
-        for prefix in ("ray::MapWorker", "ray::IndexShard"):
+        for prefix in ("ray::ShardEmbedder", "ray::IndexShard"):
             while not stop.is_set():
-                if prefix == "ray::MapWorker" and not list(emb.glob("*/*.parquet")):
+                if prefix == "ray::ShardEmbedder" and not list(emb.glob("*/*.parquet")):
                     time.sleep(0.01)  # wait until the embedding is under way
                     continue
                 victims = []
@@ -356,5 +356,5 @@ def test_killed_workers_are_replaced_and_output_is_unchanged(ray_session, tiny_b
     finally:
         stop.set()
         t.join(5)
-    assert set(killed) == {"ray::MapWorker", "ray::IndexShard"}, killed
+    assert set(killed) == {"ray::ShardEmbedder", "ray::IndexShard"}, killed
     assert _rows(tmp_path / "faults" / "out") == reference

@@ -1,16 +1,21 @@
-"""Embed stage: text shards -> embedding shards, on a Ray Data pool of actors.
+"""Embed stage: text shards -> embedding shards, on a pool of Ray actors.
 
-Each actor loads the model once (`__init__`) and embeds whole shards: it reads the shard's texts
-from storage itself, sorts them by length so batches carry little padding, embeds each distinct
-text once, and writes `embeddings/<encoder key>/<shard digest>.parquet`. The file name is a
-content address (model, pooling, prompt, max_length and the shard's ids and texts), so a rerun, or
-another job over the same texts, finds the file and skips the shard.
+Each actor loads the model once and embeds whole shards: it reads the shard's texts from storage
+itself, embeds each distinct text once in batches of similar length, and writes
+`embeddings/<encoder key>/<shard digest>.parquet`. The file name is a content address (model,
+pooling, prompt, max_length, dtype and the shard's ids and texts), so a rerun, or another job over
+the same texts, finds the file and skips the shard.
+
+Passages and queries go through one pool (one model load, one set of processes): they differ only
+in their prompt. The pool is plain Ray actors driven by `ray.util.ActorPool`; a shard is a
+coarse unit, so Ray Data's streaming machinery (and its helper actors' memory) buys nothing here.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -22,29 +27,36 @@ from negprep.schemas import conform
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EmbedPart:
+    """Text shards (`texts`/shard names) to embed with `spec` into `cache` (one for passages, one for queries)."""
+
+    name: str
+    spec: EncoderSpec
+    texts: Folder
+    shards: list[dict]
+    cache: Folder
+
+
 class ShardEmbedder:
-    """Ray Data actor: one model per actor, one shard per call."""
+    """Ray actor: one model per actor, one shard per call."""
 
-    def __init__(self, spec: EncoderSpec, threads: int, batch_size: int, texts: Folder, cache: Folder):
+    def __init__(self, spec: EncoderSpec, threads: int, batch_size: int, batch_tokens: int | None):
         self.encoder = Encoder(spec, threads=threads)
-        self.batch_size = batch_size
-        self.texts, self.cache = texts, cache
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, secs = [], []
-        for src, dst in zip(batch["src"], batch["dst"], strict=True):
-            t0 = time.perf_counter()
-            rows.append(embed_shard(self.encoder, self.texts, str(src), self.cache, str(dst), self.batch_size))
-            secs.append(time.perf_counter() - t0)
-        return {"dst": batch["dst"], "rows": np.array(rows), "seconds": np.array(secs)}
+    def embed(self, texts: Folder, src: str, cache: Folder, dst: str, prompt: str) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        rows = embed_shard(self.encoder, texts, src, cache, dst, self.batch_size, self.batch_tokens, prompt)
+        return rows, time.perf_counter() - t0
 
 
-def embed_shard(encoder: Encoder, texts: Folder, src: str, cache: Folder, dst: str, batch_size: int) -> int:
+def embed_shard(encoder: Encoder, texts: Folder, src: str, cache: Folder, dst: str, batch_size: int,
+                batch_tokens: int | None = None, prompt: str | None = None) -> int:
     """Embed the texts of Parquet shard `texts/src` (id, text) into `cache/dst` (id, embedding)."""
     table = texts.read_parquet(src, columns=["id", "text"])
-    texts = table.column("text").to_pylist()
-    uniq, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
-    vecs = encoder.encode(list(uniq), batch_size=batch_size)[inverse]
+    uniq, inverse = np.unique(np.array(table.column("text").to_pylist(), dtype=object), return_inverse=True)
+    vecs = encoder.encode(list(uniq), batch_size=batch_size, batch_tokens=batch_tokens, prompt=prompt)[inverse]
     dim = vecs.shape[1]
     emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)
     out = pa.table({"id": table.column("id"), "embedding": emb.cast(pa.list_(pa.float32()))})
@@ -52,64 +64,69 @@ def embed_shard(encoder: Encoder, texts: Folder, src: str, cache: Folder, dst: s
     return table.num_rows
 
 
-def run_embed(
-    spec: EncoderSpec,
-    texts: Folder,
-    shards: list[dict],
-    cache: Folder,
-    cpus: int,
-    cfg,
-    force: bool = False,
-    retries: int = 3,
-) -> dict:
-    """Embed every shard whose embedding file is not in `cache` yet (every shard with `force`);
-    returns counts and timings.
+def run_embed(parts: list[EmbedPart], cpus: int, cfg, force: bool = False, retries: int = 3) -> dict:
+    """Embed every shard of `parts` whose embedding file is not cached yet (every shard with `force`);
+    returns counts and timings per part.
 
-    `cfg` is the job's EmbedConfig (or a guide's): batch size, actors and threads. A dead actor is
-    restarted and its shard retried up to `retries` times.
+    The parts must share one model (their specs differ only in the prompt). `cfg` is the job's
+    EmbedConfig (or a guide's): batch size, actors and threads. A dead actor is restarted and its
+    shard retried up to `retries` times.
     """
     import ray
+    from ray.util import ActorPool
 
-    done = set() if force else set(cache.ls(".parquet"))
-    todo = [s for s in shards if f"{s['digest']}.parquet" not in done]
-    stats = {"shards": len(shards), "shards_reused": len(shards) - len(todo), "rows_embedded": 0, "seconds": 0.0}
+    model = {replace(p.spec, prompt="") for p in parts}
+    assert len(model) == 1, "one embedding pool serves one model"
+    stats = {p.name: {"shards": len(p.shards), "shards_reused": 0, "rows_embedded": 0, "seconds": 0.0}
+             for p in parts}
+    todo = []
+    for p in parts:
+        done = set() if force else set(p.cache.ls(".parquet"))
+        for s in p.shards:
+            if f"{s['digest']}.parquet" in done:
+                stats[p.name]["shards_reused"] += 1
+            else:
+                todo.append((p, s))
     if not todo:
         return stats
-    actors, threads = actor_layout(cpus, len(todo), cfg.actors, cfg.threads_per_actor)
-    batch_size = cfg.batch_size
-    # largest shards first so the last actor is not left with the longest one
-    todo.sort(key=lambda s: -s["rows"])
-    items = [{"src": s["name"], "dst": f"{s['digest']}.parquet"} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEmbedder,
-        fn_constructor_kwargs={
-            "spec": spec,
-            "threads": threads,
-            "batch_size": batch_size,
-            "texts": texts,
-            "cache": cache,
-        },
-        batch_size=1,
-        num_cpus=threads,
-        compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))),
-        # bounded, unlike Ray Data's default (forever): a shard that kills its worker every time fails the job
-        max_restarts=retries,
-        max_task_retries=retries,
-    )
+    # the most work first, so the last actor is not left with the longest shard
+    todo.sort(key=lambda ps: -work(ps[1]))
+    actors, threads = actor_layout(cpus, [work(s) for _, s in todo], cfg.actors, cfg.threads_per_actor)
+    cls = ray.remote(ShardEmbedder).options(num_cpus=threads, max_restarts=retries, max_task_retries=retries)
+    spec = model.pop()
+    pool_actors = [cls.remote(spec, threads, cfg.batch_size, cfg.batch_tokens) for _ in range(actors)]
     t0 = time.perf_counter()
-    results = ds.take_all()
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    stats["rows_embedded"] = int(sum(r["rows"] for r in results))
+    try:
+        calls = ActorPool(pool_actors).map(
+            lambda a, ps: a.embed.remote(ps[0].texts, ps[1]["name"], ps[0].cache, f"{ps[1]['digest']}.parquet",
+                                         ps[0].spec.prompt),
+            todo,
+        )
+        for (p, _), (rows, secs) in zip(todo, calls, strict=True):
+            stats[p.name]["rows_embedded"] += int(rows)
+            stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
+    finally:
+        for a in pool_actors:  # the models' memory goes back before the next stage
+            ray.kill(a)
+    log.info("embedded %d shards in %.1f s on %d actors x %d threads", len(todo), time.perf_counter() - t0,
+             actors, threads)
     return stats
 
 
-def actor_layout(cpus: int, shards: int, actors: int | None, threads: int | None) -> tuple[int, int]:
-    """(actors, torch threads each): one actor per shard up to the CPUs, the CPUs shared among them.
+def work(shard: dict) -> int:
+    """A shard's embedding cost estimate: its characters (rows for shards described before `chars`)."""
+    return int(shard.get("chars", shard["rows"]))
 
-    With fewer shards than CPUs the spare cores become threads, so a one-shard corpus still uses
-    the whole machine.
+
+def actor_layout(cpus: int, shard_work: list[int], actors: int | None, threads: int | None) -> tuple[int, int]:
+    """(actors, torch threads each) for shards of the given work estimates.
+
+    As many actors as the work keeps busy: total work / the largest shard, at most one per CPU.
+    The spare cores become threads, so a one-shard corpus (plus its small query shard) runs as
+    one actor using the whole machine instead of two actors with one idle for most of the run.
     """
-    n = actors or max(1, min(shards, cpus // (threads or 1)))
+    busy = sum(shard_work) // max(1, max(shard_work, default=1))
+    n = actors or max(1, min(len(shard_work), cpus // (threads or 1), busy))
     return n, threads or max(1, cpus // n)
 
 

@@ -134,7 +134,7 @@ class CrossEncoder:
 
 
 class ShardCrossScorer:
-    """Ray Data actor: loads the cross-encoder once, scores one query shard per call."""
+    """Ray actor: loads the cross-encoder once, scores one query shard per call."""
 
     def __init__(self, model: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
                  candidates: Folder, queries: Folder, corpus: tuple[Folder, list[str]], out: Folder,
@@ -144,11 +144,10 @@ class ShardCrossScorer:
         self.candidates, self.queries, self.corpus, self.out = candidates, queries, corpus, out
         self.window = (range_min, range_max)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name in batch["name"]:
-            cross_encoder_shard(self.ce, self.batch_size, (self.candidates, str(name)), (self.queries, str(name)),
-                                self.corpus, (self.out, str(name)), *self.window)
-        return {"name": batch["name"]}
+    def score_shard(self, name: str) -> str:
+        cross_encoder_shard(self.ce, self.batch_size, (self.candidates, name), (self.queries, name),
+                            self.corpus, (self.out, name), *self.window)
+        return name
 
 
 def cross_encoder_shard(
@@ -193,7 +192,7 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
     """
     import ray
 
-    from negprep.stages.embed import actor_layout, run_embed
+    from negprep.stages.embed import EmbedPart, actor_layout, run_embed
 
     g = job.guide
     resolved = resolve_model(g.model)
@@ -208,19 +207,20 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
     if not todo:
         return gdir, stats
     if g.type == "crossencoder":
-        actors, threads = actor_layout(cpus, len(todo), g.actors, g.threads_per_actor)
-        ds = ray.data.from_items([{"name": n} for n in todo], override_num_blocks=len(todo)).map_batches(
-            ShardCrossScorer,
-            fn_constructor_kwargs={
-                "model": resolved, "max_length": g.max_length, "threads": threads, "batch_size": g.batch_size,
-                "trust_remote_code": g.trust_remote_code, "candidates": sdir, "queries": rdir.sub("queries"),
-                "corpus": corpus, "out": gdir, "range_min": window[0], "range_max": window[1],
-            },
-            batch_size=1,
-            num_cpus=threads,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-        )
-        ds.take_all()
+        from ray.util import ActorPool
+
+        actors, threads = actor_layout(cpus, [1] * len(todo), g.actors, g.threads_per_actor)
+        # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
+        rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
+        cls = ray.remote(ShardCrossScorer).options(num_cpus=threads, max_restarts=job.ray.retries,
+                                                   max_task_retries=job.ray.retries)
+        pool = [cls.remote(resolved, g.max_length, threads, rows, g.trust_remote_code, sdir, rdir.sub("queries"),
+                           corpus, gdir, *window) for _ in range(actors)]
+        try:
+            list(ActorPool(pool).map_unordered(lambda a, n: a.score_shard.remote(n), todo))
+        finally:
+            for a in pool:
+                ray.kill(a)
         return gdir, stats
 
     # bi-encoder: reuse whole-corpus embeddings with this model if they exist, else embed the subset
@@ -239,8 +239,8 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
                                           job.read.shard_rows))
             texts.write_json("shards.json", pshards)
         stats["passages"] = sum(s["rows"] for s in pshards)
-    stats["embed"] = {"passages": run_embed(pspec, texts, pshards, pcache, cpus, g),
-                      "queries": run_embed(qspec, rdir.sub("queries"), shards, qcache, cpus, g)}
+    stats["embed"] = run_embed([EmbedPart("passages", pspec, texts, pshards, pcache),
+                                EmbedPart("queries", qspec, rdir.sub("queries"), shards, qcache)], cpus, g)
     task = ray.remote(biencoder_scores).options(num_cpus=1, max_retries=3)
     pnames = [f"{s['digest']}.parquet" for s in pshards]
     qdigest = {s["name"]: s["digest"] for s in shards}

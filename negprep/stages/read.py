@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from negprep.config import Job, PairsInput, TablesInput
 from negprep.errors import InputError
@@ -478,7 +479,8 @@ def _write_shards(folder: Folder, df: pl.DataFrame, rows: int, contract: str) ->
             continue
         name = f"{i:05d}.parquet"
         folder.write_parquet(name, part)
-        shards.append({"name": name, "rows": part.num_rows, "digest": shard_digest(part)})
+        chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)  # embedding work estimate
+        shards.append({"name": name, "rows": part.num_rows, "chars": chars, "digest": shard_digest(part)})
     return shards
 
 
