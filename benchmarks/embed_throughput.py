@@ -26,9 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from negprep.config import EmbedConfig  # noqa: E402
 from negprep.models import Encoder, EncoderSpec, encoder_specs, resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCH_TOKENS = EmbedConfig().batch_tokens  # what a job uses by default
 
 
 def gemm_gflops(shapes: list[tuple[int, int, int]], threads: int, dtype=torch.float32, seconds: float = 2.0) -> float:
@@ -130,11 +132,11 @@ def main() -> None:
     ref = None
     for dtype in ("float32", "bfloat16"):
         enc = Encoder(EncoderSpec(**{**pspec.__dict__, "dtype": dtype}), threads=args.threads)
-        enc.encode(texts[:32], batch_tokens=2048)
+        enc.encode(texts[:32], batch_tokens=BATCH_TOKENS)
         t0 = time.perf_counter()
-        p = enc.encode(texts, batch_size=256, batch_tokens=2048)
+        p = enc.encode(texts, batch_size=256, batch_tokens=BATCH_TOKENS)
         s = time.perf_counter() - t0
-        q = enc.encode(queries, batch_size=256, batch_tokens=2048)
+        q = enc.encode(queries, batch_size=256, batch_tokens=BATCH_TOKENS)
         recall, top = recall_at_10(q, p, qids, pids, qrels)
         row = {"seconds": round(s, 1), "tokens_per_s": round(tokens / s),
                "share_of_fp32_bound": round(tokens / s / bound, 3),

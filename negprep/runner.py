@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -64,13 +63,6 @@ def start_ray(job: Job) -> None:
             runtime_env=env,
             log_to_driver=False,
         )
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data's bars are for terminals; in a scheduled job's log they become a line every 10 s
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    # one call of an embedding actor is a whole shard: on CPU with a large model that can take more
-    # than Ray Data's default 30 minutes without a finished block, which it would treat as a hang
-    ctx.execution_no_progress_timeout_s = 7 * 24 * 3600
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @contextmanager

@@ -74,6 +74,7 @@ def run_embed(parts: list[EmbedPart], cpus: int, cfg, force: bool = False, retri
     """
     import ray
     from ray.util import ActorPool
+    from tqdm import tqdm
 
     model = {replace(p.spec, prompt="") for p in parts}
     assert len(model) == 1, "one embedding pool serves one model"
@@ -102,7 +103,8 @@ def run_embed(parts: list[EmbedPart], cpus: int, cfg, force: bool = False, retri
                                          ps[0].spec.prompt),
             todo,
         )
-        for (p, _), (rows, secs) in zip(todo, calls, strict=True):
+        for (p, _), (rows, secs) in tqdm(zip(todo, calls, strict=True), total=len(todo), desc="embed", unit="shard",
+                                         leave=False):
             stats[p.name]["rows_embedded"] += int(rows)
             stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
     finally:

