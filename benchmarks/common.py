@@ -182,7 +182,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.25) -> dict:
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 1.0) -> dict:
     """Run `cmd`, sampling its whole process tree's memory; wall seconds, peak PSS and RSS (MiB),
     return code and combined output."""
     t0 = time.perf_counter()

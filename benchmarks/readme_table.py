@@ -46,7 +46,7 @@ Measured on {m['cores']} cores of an {m['cpu']} ({', '.join(m['isa'])}), {m['mem
 torch {v['torch']}, transformers {v['transformers']}, sentence-transformers {v['sentence-transformers']},
 ray {v['ray']}, faiss-cpu {v['faiss-cpu']}. {vs['settings']}; both embed from scratch.
 Peak memory is the proportional set size (PSS) summed over each tool's process tree, sampled every
-0.25 s: for negprep that includes every Ray process.
+1 s (reading every process's smaps costs CPU): for negprep that includes every Ray process.
 
 {e2e}
 

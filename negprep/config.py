@@ -70,7 +70,7 @@ class EmbedConfig(_Strict):
 
     batch_size: int = Field(256, gt=0, description="most texts in one forward pass")
     batch_tokens: int | None = Field(
-        1024, gt=0, description="most padded tokens in one forward pass (fastest on CPU: 1-4k); null: no limit")
+        2048, gt=0, description="most padded tokens in one forward pass (fastest on CPU: 1-4k); null: no limit")
     max_length: int = Field(256, ge=8, le=32_768)
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     normalize: bool = True
@@ -80,7 +80,7 @@ class EmbedConfig(_Strict):
     threads_per_actor: int | None = Field(None, gt=0, description="torch threads; default CPUs / actors")
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="inference precision; bfloat16 is about 1.8x faster on CPUs with AVX-512 BF16 or "
+        "float32", description="inference precision; bfloat16 is about 1.7x faster on CPUs with AVX-512 BF16 or "
         "AMX (benchmarks/embed_throughput.py: cosine to fp32 1.000, recall@10 within a point)")
 
 
