@@ -24,7 +24,7 @@ from negprep.models import encoder_specs, resolve_model
 from negprep.paths import Folder, stage_key
 from negprep.schemas import conform
 from negprep.stages.embed import load_embeddings
-from negprep.stages.read import shard_digest
+from negprep.stages.read import shard_entry
 
 
 def _window(ids: list, range_min: int, range_max: int) -> list:
@@ -56,7 +56,7 @@ def needed_passages(
         part = table.slice(start, shard_rows).combine_chunks()
         name = f"{i:05d}.parquet"
         out.write_parquet(name, part)
-        shards.append({"name": name, "rows": part.num_rows, "digest": shard_digest(part)})
+        shards.append(shard_entry(name, part))
     return shards
 
 

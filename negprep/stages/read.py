@@ -470,6 +470,12 @@ def shard_digest(table: pa.Table) -> str:
     return h.hexdigest()[:24]
 
 
+def shard_entry(name: str, part: pa.Table) -> dict:
+    """A text shard as the stages see it: name, rows, characters (its embedding work) and digest."""
+    chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
+    return {"name": name, "rows": part.num_rows, "chars": chars, "digest": shard_digest(part)}
+
+
 def _write_shards(folder: Folder, df: pl.DataFrame, rows: int, contract: str) -> list[dict]:
     shards = []
     table = df.to_arrow()
@@ -479,8 +485,7 @@ def _write_shards(folder: Folder, df: pl.DataFrame, rows: int, contract: str) ->
             continue
         name = f"{i:05d}.parquet"
         folder.write_parquet(name, part)
-        chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)  # embedding work estimate
-        shards.append({"name": name, "rows": part.num_rows, "chars": chars, "digest": shard_digest(part)})
+        shards.append(shard_entry(name, part))
     return shards
 
 
