@@ -72,8 +72,6 @@ def run_embed(parts: list[EmbedPart], cpus: int, cfg, force: bool = False, retri
     EmbedConfig (or a guide's): batch size, actors and threads. A dead actor is restarted and its
     shard retried up to `retries` times.
     """
-    import ray
-    from ray.util import ActorPool
     from tqdm import tqdm
 
     model = {replace(p.spec, prompt="") for p in parts}
@@ -93,26 +91,39 @@ def run_embed(parts: list[EmbedPart], cpus: int, cfg, force: bool = False, retri
     # the most work first, so the last actor is not left with the longest shard
     todo.sort(key=lambda ps: -work(ps[1]))
     actors, threads = actor_layout(cpus, [work(s) for _, s in todo], cfg.actors, cfg.threads_per_actor)
-    cls = ray.remote(ShardEmbedder).options(num_cpus=threads, max_restarts=retries, max_task_retries=retries)
-    spec = model.pop()
-    pool_actors = [cls.remote(spec, threads, cfg.batch_size, cfg.batch_tokens) for _ in range(actors)]
     t0 = time.perf_counter()
-    try:
-        calls = ActorPool(pool_actors).map(
-            lambda a, ps: a.embed.remote(ps[0].texts, ps[1]["name"], ps[0].cache, f"{ps[1]['digest']}.parquet",
-                                         ps[0].spec.prompt),
-            todo,
-        )
-        for (p, _), (rows, secs) in tqdm(zip(todo, calls, strict=True), total=len(todo), desc="embed", unit="shard",
-                                         leave=False):
-            stats[p.name]["rows_embedded"] += int(rows)
-            stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
-    finally:
-        for a in pool_actors:  # the models' memory goes back before the next stage
-            ray.kill(a)
+    calls = map_on_actors(
+        ShardEmbedder, (model.pop(), threads, cfg.batch_size, cfg.batch_tokens), actors, threads, retries,
+        lambda a, ps: a.embed.remote(ps[0].texts, ps[1]["name"], ps[0].cache, f"{ps[1]['digest']}.parquet",
+                                     ps[0].spec.prompt),
+        todo,
+    )
+    for (p, _), (rows, secs) in tqdm(zip(todo, calls, strict=True), total=len(todo), desc="embed", unit="shard",
+                                     leave=False):
+        stats[p.name]["rows_embedded"] += int(rows)
+        stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
     log.info("embedded %d shards in %.1f s on %d actors x %d threads", len(todo), time.perf_counter() - t0,
              actors, threads)
     return stats
+
+
+def map_on_actors(cls, args: tuple, actors: int, threads: int, retries: int, call, items: list):
+    """Results of `call(actor, item)` for every item, in order, on `actors` new actors of `cls(*args)`.
+
+    Each actor reserves `threads` CPUs; a dead actor is restarted and its call retried up to
+    `retries` times. The actors are killed when the last result is in, so their memory (a model)
+    is back before the next stage starts.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    remote = ray.remote(cls).options(num_cpus=threads, max_restarts=retries, max_task_retries=retries)
+    pool = [remote.remote(*args) for _ in range(actors)]
+    try:
+        yield from ActorPool(pool).map(call, items)
+    finally:
+        for a in pool:
+            ray.kill(a)
 
 
 def work(shard: dict) -> int:

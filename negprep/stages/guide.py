@@ -192,7 +192,7 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
     """
     import ray
 
-    from negprep.stages.embed import EmbedPart, actor_layout, run_embed
+    from negprep.stages.embed import EmbedPart, actor_layout, map_on_actors, run_embed
 
     g = job.guide
     resolved = resolve_model(g.model)
@@ -207,20 +207,13 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
     if not todo:
         return gdir, stats
     if g.type == "crossencoder":
-        from ray.util import ActorPool
-
         actors, threads = actor_layout(cpus, [1] * len(todo), g.actors, g.threads_per_actor)
         # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
         rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
-        cls = ray.remote(ShardCrossScorer).options(num_cpus=threads, max_restarts=job.ray.retries,
-                                                   max_task_retries=job.ray.retries)
-        pool = [cls.remote(resolved, g.max_length, threads, rows, g.trust_remote_code, sdir, rdir.sub("queries"),
-                           corpus, gdir, *window) for _ in range(actors)]
-        try:
-            list(ActorPool(pool).map_unordered(lambda a, n: a.score_shard.remote(n), todo))
-        finally:
-            for a in pool:
-                ray.kill(a)
+        args = (resolved, g.max_length, threads, rows, g.trust_remote_code, sdir, rdir.sub("queries"), corpus, gdir,
+                *window)
+        list(map_on_actors(ShardCrossScorer, args, actors, threads, job.ray.retries,
+                           lambda a, n: a.score_shard.remote(n), todo))
         return gdir, stats
 
     # bi-encoder: reuse whole-corpus embeddings with this model if they exist, else embed the subset
