@@ -160,8 +160,9 @@ def _version(version, pkg: str) -> str | None:
         return None
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) in bytes summed over a process and all its descendants.
+def tree_memory(pid: int, by_process: dict | None = None) -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over a process and all its descendants; `by_process` (when given)
+    receives each process's PSS under its name.
 
     PSS splits shared pages (the torch libraries every Ray worker maps, the object store) among
     the processes that share them, so the sum is what the tree really occupies; summed RSS counts
@@ -179,21 +180,38 @@ def tree_memory(pid: int) -> tuple[int, int]:
             m = p.memory_full_info()
             pss += getattr(m, "pss", m.rss)
             rss += m.rss
+            if by_process is not None:
+                by_process[f"{p.pid} {_process_name(p)}"] = getattr(m, "pss", m.rss)
     return pss, rss
+
+
+def _process_name(p) -> str:
+    """A short name: Ray's process title (`ray::ShardEmbedder`), else the program or script."""
+    cmd = p.cmdline()
+    if not cmd:
+        return p.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    script = next((c for c in cmd[1:] if c.endswith(".py")), None) if "python" in Path(cmd[0]).name else None
+    return Path(script or cmd[0]).name
 
 
 def run_measured(cmd: list[str], env: dict | None = None, interval: float = 1.0) -> dict:
     """Run `cmd`, sampling its whole process tree's memory; wall seconds, peak PSS and RSS (MiB),
-    return code and combined output."""
+    each process's PSS (MiB) at the peak sample, return code and combined output."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_pss = peak_rss = 0
+    at_peak: dict = {}
     stop = threading.Event()
 
     def poll() -> None:
-        nonlocal peak_pss, peak_rss
+        nonlocal peak_pss, peak_rss, at_peak
         while not stop.is_set():
-            pss, rss = tree_memory(proc.pid)
+            procs: dict = {}
+            pss, rss = tree_memory(proc.pid, procs)
+            if pss > peak_pss:
+                at_peak = procs
             peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
             time.sleep(interval)
 
@@ -207,6 +225,7 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 1.0)
         "seconds": round(seconds, 1),
         "peak_pss_mb": round(peak_pss / 2**20),
         "peak_rss_mb": round(peak_rss / 2**20),
+        "peak_pss_by_process_mb": {k: round(v / 2**20) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
         "returncode": proc.returncode,
         "output": out,
     }

@@ -179,15 +179,11 @@ class Encoder:
         """
         torch = self.torch
         prompt = self.spec.prompt if prompt is None else prompt
-        enc = self.tokenizer(
-            [prompt + t for t in texts], truncation=True, max_length=self.spec.max_length, padding=False,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
+        ids_flat, starts, lengths = self.tokenize([prompt + t for t in texts])
         # Each text is padded to a width that depends only on its own length (a multiple of
         # PAD_STEP) and batched only with texts of that width: the padded width changes the float
         # results, the batch size does not, so a text's embedding is bit-identical whatever shard
         # or batch it lands in (deterministic output whatever the sharding).
-        lengths = np.array([len(ids) for ids in enc], dtype=np.int64)
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
@@ -202,7 +198,7 @@ class Encoder:
                 start = stop
                 ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
                 for row, i in enumerate(idx):
-                    ids[row, : lengths[i]] = enc[i]
+                    ids[row, : lengths[i]] = ids_flat[starts[i]: starts[i] + lengths[i]]
                 mask = torch.from_numpy((np.arange(width) < lengths[idx, None]).astype(np.int64))
                 hidden = self.model(input_ids=torch.from_numpy(ids), attention_mask=mask).last_hidden_state
                 vec = pool(hidden.float(), mask, self.spec.pooling)
@@ -214,6 +210,25 @@ class Encoder:
                     release_free_memory()
         release_free_memory()
         return out
+
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids of all texts end to end as int32, each text's start in them, each text's length).
+
+        Tokenised TOKENIZE_CHUNK texts at a time: the fast tokenizer's per-text objects (tokens,
+        offsets, masks) for a whole shard at once cost far more than the ids (measured on SciFact's
+        5,183 passages: +310 MB resident at once, +77 MB as Python lists, +5 MB kept like this)."""
+        chunks, lengths = [], []
+        for i in range(0, len(texts), TOKENIZE_CHUNK):
+            enc = self.tokenizer(texts[i: i + TOKENIZE_CHUNK], truncation=True, max_length=self.spec.max_length,
+                                 padding=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            lengths.extend(len(ids) for ids in enc)
+            chunks.append(np.fromiter((t for ids in enc for t in ids), dtype=np.int32))
+        lengths_arr = np.array(lengths, dtype=np.int64)
+        starts = np.zeros(len(lengths_arr), dtype=np.int64)
+        np.cumsum(lengths_arr[:-1], out=starts[1:])
+        flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        return flat, starts, lengths_arr
 
 
 def release_free_memory() -> None:
@@ -239,6 +254,7 @@ def _libc():
 
 _LIBC = _libc()
 TRIM_EVERY = 20  # batches between trims
+TOKENIZE_CHUNK = 512  # texts per tokenizer call
 
 
 def pool(hidden, mask, mode: str):

@@ -44,6 +44,23 @@ def test_batching_never_changes_an_embedding(tiny_bert):
     assert np.array_equal(enc.encode(texts, prompt=""), ref)
 
 
+def test_texts_are_tokenized_in_chunks_without_changing_a_token(tiny_bert, monkeypatch):
+    import negprep.models as models
+
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    enc = Encoder(spec, threads=1)
+    texts = [" ".join(["word"] * k) for k in range(0, 300, 7)]
+    ref = [enc.tokenizer(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
+    whole = enc.encode(texts)
+    monkeypatch.setattr(models, "TOKENIZE_CHUNK", 4)  # 43 texts: ten full chunks and a short one
+    flat, starts, lengths = enc.tokenize(texts)
+    assert flat.dtype == np.int32 and lengths.tolist() == [len(r) for r in ref]
+    assert [flat[s: s + n].tolist() for s, n in zip(starts, lengths, strict=True)] == ref
+    assert lengths.max() == spec.max_length  # the longest texts were truncated, not dropped
+    assert np.array_equal(enc.encode(texts), whole)
+    assert enc.tokenize([])[0].shape == (0,)
+
+
 @pytest.mark.slow
 def test_bfloat16_stays_within_tolerance_of_float32():
     texts = _texts(48)
