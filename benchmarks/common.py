@@ -192,7 +192,7 @@ def _process_name(p) -> str:
         return p.name()
     if cmd[0].startswith("ray::"):
         return cmd[0].split()[0]
-    script = next((c for c in cmd[1:] if c.endswith(".py")), None) if "python" in Path(cmd[0]).name else None
+    script = next((c for c in cmd[1:] if not c.startswith("-")), None) if "python" in Path(cmd[0]).name else None
     return Path(script or cmd[0]).name
 
 

@@ -30,6 +30,10 @@ def render(vs: dict, emb: dict) -> str:
                      f"{r['negative_overlap_on_common_pairs']:.1%}", f"{s['embed']:.0f} s",
                      f"{s['total'] - s['embed']:.0f} s"])
     e2e = table(["run", "wall", "x ST", "peak memory (PSS)", "x ST", "same negatives", "embed", "rest"], rows)
+    split = "; ".join(
+        f"{dtype}: the embedding actor {g['ray_workers']:,} MB, the driver {g['driver']:,} MB, Ray's own processes "
+        f"{g['ray_system']:,} MB" for dtype, r in vs["negprep"].items() if (g := r.get("peak_pss_by_group_mb")))
+    split = f"At negprep's peak ({split})." if split else ""
     b = emb["fp32_bound_tokens_per_s"]
     erows = [["sentence-transformers `encode` (fp32)", f"{emb['sentence_transformers']['tokens_per_s']:,}",
               f"{emb['sentence_transformers']['share_of_fp32_bound']:.0%}", "", "", ""]]
@@ -50,10 +54,16 @@ Peak memory is the proportional set size (PSS) summed over each tool's process t
 
 {e2e}
 
+{split}
+
 Embedding alone, {emb['passages']:,} SciFact passages ({emb['tokens']:,} tokens), {emb['threads']} threads.
 The fp32 bound is the measured fp32 `linear` rate at the model's shapes
-({emb['gemm_gflops_fp32_model_shapes']} GFLOP/s; bf16: {emb['gemm_gflops_bf16_model_shapes']}) over
-{emb['mflops_per_token']} MFLOP per token = {b:,} tokens/s. Recall@10 is over the {emb['queries_judged']}
+({emb['gemm_gflops_fp32_model_shapes']} GFLOP/s on average; bf16: {emb['gemm_gflops_bf16_model_shapes']}) over
+{emb['mflops_per_token']} MFLOP per token = {b:,} tokens/s. This host's speed drifts (the GEMM rate ranged
+{emb.get('gemm_gflops_fp32_range', ['?', '?'])[0]}-{emb.get('gemm_gflops_fp32_range', ['?', '?'])[1]} GFLOP/s
+during the run), so the three encoders take turns on {emb.get('blocks', 1)} blocks of the corpus with the rate
+probed between blocks, and each one's share of the bound is against the rate probed around its own blocks.
+Recall@10 is over the {emb['queries_judged']}
 judged SciFact queries (train and test qrels) against the whole corpus.
 
 {et}

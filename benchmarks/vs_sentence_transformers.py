@@ -37,6 +37,17 @@ def negatives_by_pair(df: pl.DataFrame) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+def memory_groups(by_process: dict[str, int]) -> dict[str, int]:
+    """PSS (MiB) at the peak grouped as negprep's driver, its Ray actors and tasks, and Ray's own processes."""
+    groups = {"driver": 0, "ray_workers": 0, "ray_system": 0}
+    for key, mb in by_process.items():
+        name = key.split(" ", 1)[1]
+        group = "driver" if name == "negprep" else "ray_workers" if name.startswith("ray::") and not name.endswith(
+            "Agent") else "ray_system"
+        groups[group] += mb
+    return groups
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
@@ -81,6 +92,8 @@ def main() -> None:
                 "peak_pss_ratio": round(npr["peak_pss_mb"] / st["peak_pss_mb"], 3),
                 "peak_rss_ratio": round(npr["peak_rss_mb"] / st["peak_rss_mb"], 3),
                 "stage_seconds": manifest["timings_s"],
+                "peak_pss_by_group_mb": memory_groups(npr["peak_pss_by_process_mb"]),
+                "peak_pss_by_process_mb": npr["peak_pss_by_process_mb"],
                 "pairs": len(b), "pairs_in_both": len(both), "negatives": sum(map(len, b.values())),
                 "negative_overlap_on_common_pairs": round(overlap, 4),
             }
