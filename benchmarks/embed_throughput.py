@@ -1,14 +1,15 @@
 """Embedding throughput against sentence-transformers and against the CPU's fp32 bound.
 
-Non-padding tokens per second of negprep's Encoder (fp32 and bf16) and of sentence-transformers'
-`encode` on the same SciFact passages (the whole corpus by default). The bound is the CPU's
-measured fp32 matrix-multiply rate at the model's own shapes divided by the model's FLOPs per
-token. The three encoders take turns on blocks of the corpus with the GEMM rate probed between
-blocks, since a shared host's speed drifts during a run. For bf16: the mean cosine to the fp32
-embeddings, and the recall@10 of the SciFact queries (train and test qrels) against the fp32
-recall@10, with the overlap of the two top-10 lists. Prints and writes JSON; not a timed test.
+Non-padding tokens per second of negprep's Encoder (fp32 and bf16, eager and with
+`embed.compile`) and of sentence-transformers' `encode` on the same SciFact passages (the whole
+corpus by default). The bound is the CPU's measured fp32 matrix-multiply rate at the model's own
+shapes divided by the model's FLOPs per token. The encoders take turns on blocks of the corpus
+with the GEMM rate probed between blocks, since a shared host's speed drifts during a run. For
+every negprep variant but fp32 eager: the mean cosine to the fp32 embeddings, and the recall@10
+of the SciFact queries (train and test qrels) against the fp32 recall@10, with the overlap of the
+two top-10 lists. Prints and writes JSON; not a timed test.
 
-    python benchmarks/embed_throughput.py [--n 0] [--threads 2] [--blocks 10]
+    python benchmarks/embed_throughput.py [--n 0] [--threads 2] [--blocks 10] [--no-compile]
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="passages (0: the whole corpus)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--blocks", type=int, default=10, help="corpus blocks the encoders take turns on")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time embed.compile (torch.compile) in fp32 and bf16")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "embed_throughput.json"))
     args = ap.parse_args()
     pids, texts = [], []
@@ -118,11 +121,16 @@ def main() -> None:
     st = SentenceTransformer(model_dir, device="cpu")
     pspec, _ = encoder_specs(model_dir, _Cfg())
     encoders = {"sentence_transformers": lambda x: st.encode(x, batch_size=32, normalize_embeddings=True)}
-    for dtype in ("float32", "bfloat16"):
-        enc = Encoder(EncoderSpec(**{**pspec.__dict__, "dtype": dtype}), threads=args.threads)
-        encoders[f"negprep_{dtype}"] = partial(enc.encode, batch_size=256, batch_tokens=BATCH_TOKENS)
-    for f in encoders.values():  # first calls of each kernel out of the way
+    for compiled in (False, True) if args.compile else (False,):
+        for dtype in ("float32", "bfloat16"):
+            enc = Encoder(EncoderSpec(**{**pspec.__dict__, "dtype": dtype, "compile": compiled}), threads=args.threads)
+            name = f"negprep_{dtype}" + ("_compiled" if compiled else "")
+            encoders[name] = partial(enc.encode, batch_size=256, batch_tokens=BATCH_TOKENS)
+    first_call = {}
+    for name, f in encoders.items():  # first calls of each kernel (and the compiles) out of the way
+        t0 = time.perf_counter()
         f(texts[:64])
+        first_call[name] = time.perf_counter() - t0
 
     # This machine's speed drifts by tens of percent within a minute (a shared host), so the
     # encoders take turns on the same blocks of the corpus, each block between two probes of the
@@ -136,7 +144,7 @@ def main() -> None:
     for i, block in enumerate(blocks):
         names = list(encoders)
         block_secs = {}
-        for name in names[i % 3:] + names[: i % 3]:
+        for name in names[i % len(names):] + names[: i % len(names)]:
             t0 = time.perf_counter()
             vecs[name].append(np.asarray(encoders[name]([texts[j] for j in block])))
             block_secs[name] = time.perf_counter() - t0
@@ -157,6 +165,8 @@ def main() -> None:
         s = seconds[name]
         row = {"seconds": round(s, 1), "tokens_per_s": round(tokens / s),
                "share_of_fp32_bound": round(tokens * fpt / 1e9 / offered[name], 3)}
+        if name.endswith("_compiled"):
+            row["compile_and_first_64_seconds"] = round(first_call[name], 1)
         if name != "sentence_transformers":
             row["speedup_vs_sentence_transformers"] = round(seconds["sentence_transformers"] / s, 2)
             q = np.asarray(encoders[name](queries))

@@ -131,11 +131,12 @@ class EncoderSpec:
     prompt: str
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 or bfloat16
+    compile: bool = False  # torch.compile: fused kernels round differently from eager ones
 
     def key(self) -> str:
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
         s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
-                        self.dtype])
+                        self.dtype, *(["compiled"] if self.compile else [])])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
@@ -144,16 +145,18 @@ def encoder_specs(resolved: str, cfg) -> tuple[EncoderSpec, EncoderSpec]:
     fp = model_fingerprint(resolved)
     pooling = detect_pooling(resolved) if cfg.pooling == "auto" else cfg.pooling
     common = (resolved, fp, pooling, cfg.max_length, cfg.normalize)
-    dtype = getattr(cfg, "dtype", "float32")
-    return (EncoderSpec(*common, cfg.passage_prompt, cfg.trust_remote_code, dtype),
-            EncoderSpec(*common, cfg.query_prompt, cfg.trust_remote_code, dtype))
+    dtype, compile_ = getattr(cfg, "dtype", "float32"), getattr(cfg, "compile", False)
+    return (EncoderSpec(*common, cfg.passage_prompt, cfg.trust_remote_code, dtype, compile_),
+            EncoderSpec(*common, cfg.query_prompt, cfg.trust_remote_code, dtype, compile_))
 
 
 class Encoder:
     """A transformers encoder on CPU: batches of similar length, pooling, optional L2 normalisation.
 
     `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs multiply them at
-    up to twice the fp32 rate); pooling and normalisation stay in fp32.
+    up to twice the fp32 rate); pooling and normalisation stay in fp32. `spec.compile` runs the
+    model through torch.compile with frozen weights and dynamic shapes: one compile serves every
+    batch shape, and an embedding still depends only on its text (tests/test_embed.py).
     """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
@@ -167,6 +170,12 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
         self.model = AutoModel.from_pretrained(spec.model, dtype=dtype, **kw).eval()
+        if spec.compile:
+            import torch._inductor.config
+
+            # constant weights let inductor pre-pack them for oneDNN and fuse the pointwise ops around the GEMMs
+            torch._inductor.config.freezing = True
+            self.model = torch.compile(self.model, dynamic=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,

@@ -61,6 +61,20 @@ def test_texts_are_tokenized_in_chunks_without_changing_a_token(tiny_bert, monke
     assert enc.tokenize([])[0].shape == (0,)
 
 
+def test_compiled_encoder_matches_eager_and_ignores_batching(tiny_bert):
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    compiled = EncoderSpec(**{**spec.__dict__, "compile": True})
+    assert compiled.key() != spec.key()  # compiled vectors are cached apart from eager ones
+    texts = [" ".join(["word"] * k) + f" {k}" for k in range(1, 90, 3)] * 2
+    eager = Encoder(spec, threads=1).encode(texts, batch_tokens=256)
+    enc = Encoder(compiled, threads=1)
+    ref = enc.encode(texts, batch_tokens=256)
+    np.testing.assert_allclose(ref, eager, atol=1e-5)
+    # one compile with dynamic shapes serves every batch shape, and the shape never changes a vector
+    for batch_size, batch_tokens in ((256, None), (7, 2048), (1, None)):
+        assert np.array_equal(enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens), ref)
+
+
 @pytest.mark.slow
 def test_bfloat16_stays_within_tolerance_of_float32():
     texts = _texts(48)
