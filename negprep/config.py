@@ -84,7 +84,7 @@ class EmbedConfig(_Strict):
         "AMX (benchmarks/embed_throughput.py: cosine to fp32 1.000, recall@10 within a point)")
     compile: bool = Field(
         False, description="torch.compile the encoder (inductor, frozen weights): on CPU about 1.2x the tokens/s "
-        "in fp32 and 1.1x in bf16, after a 30-40 s compile per actor (less when inductor's disk cache is warm); "
+        "in fp32 and 1.1x in bf16, after a compile of about 30 s per actor (40 s with a cold inductor cache); "
         "worth it from about 20,000 passages per actor. Needs a C++ compiler. Bi-encoders only")
 
 

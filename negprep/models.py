@@ -220,7 +220,6 @@ class Encoder:
         release_free_memory()
         return out
 
-
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids of all texts end to end as int32, each text's start in them, each text's length).
 
