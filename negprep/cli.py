@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job, overrides)
         storage.remember_secrets(job.model_dump(mode="json"))
         if args.command == "validate":
-            from negprep.models import resolve_model
+            from negprep.models import check_compile_settings, resolve_model
             from negprep.stages.read import check_inputs, format_check
 
             resolve_model(job.model)  # a typo in the model name is a config error too
+            check_compile_settings(job)
             print(format_check(args.job, job, check_inputs(job)))
             return 0
         from negprep.runner import run_job

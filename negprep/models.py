@@ -92,6 +92,24 @@ def _from_split_zip(name: str) -> str | None:
     return str(found[0].parent) if found else None
 
 
+def check_compile_settings(job) -> None:
+    """Fail before Ray starts when the job turns on `compile` (embed or guide) without a compiler."""
+    for setting, on in (("embed.compile", job.embed.compile), ("guide.compile", job.guide and job.guide.compile)):
+        if on:
+            check_compiler(setting)
+
+
+def check_compiler(setting: str) -> None:
+    """A ConfigError unless a C++ compiler is on PATH: torch.compile (`embed.compile`) builds its
+    CPU kernels with one, and without it every actor would fail at its first batch."""
+    import shutil
+
+    names = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    if not any(n and shutil.which(n) for n in names):
+        raise ConfigError(f"{setting}: torch.compile needs a C++ compiler and none is on PATH (looked for CXX, "
+                          f"g++, clang++, c++); install one (apt install g++) or set {setting}: false")
+
+
 def model_fingerprint(resolved: str) -> str:
     """Content hash of a model directory's weights and config (the hub id itself for remote models)."""
     h = hashlib.sha256()

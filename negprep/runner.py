@@ -21,7 +21,7 @@ import numpy as np
 from negprep import mining, storage
 from negprep.config import Job
 from negprep.errors import ConfigError, NegprepError
-from negprep.models import encoder_specs, resolve_model
+from negprep.models import check_compile_settings, encoder_specs, resolve_model
 from negprep.paths import Folder, stage_key
 from negprep.report import histograms, merge_distributions, publish_docs
 from negprep.stages.batch import run_batches
@@ -154,6 +154,7 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
     if has_files(out) and not overwrite and not unfinished(out):
         raise ConfigError(f"{job.output}: output exists; pass --overwrite to replace it")
     resolved = resolve_model(job.model)
+    check_compile_settings(job)
     start_ray(job)
     cpus = cluster_cpus()
     timings: dict[str, float] = {}

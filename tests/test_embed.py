@@ -75,6 +75,25 @@ def test_compiled_encoder_matches_eager_and_ignores_batching(tiny_bert):
         assert np.array_equal(enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens), ref)
 
 
+def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from negprep.config import EmbedConfig, GuideConfig
+    from negprep.errors import ConfigError
+    from negprep.models import check_compile_settings, check_compiler
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    with pytest.raises(ConfigError, match="embed.compile: torch.compile needs a C\\+\\+ compiler"):
+        check_compiler("embed.compile")
+    with pytest.raises(ConfigError, match="guide.compile"):
+        check_compile_settings(SimpleNamespace(embed=EmbedConfig(), guide=GuideConfig(model="m", compile=True)))
+    check_compile_settings(SimpleNamespace(embed=EmbedConfig(), guide=None))  # nothing compiled, nothing needed
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    (tmp_path / "g++").chmod(0o755)
+    check_compiler("embed.compile")
+
+
 @pytest.mark.slow
 def test_bfloat16_stays_within_tolerance_of_float32():
     texts = _texts(48)
