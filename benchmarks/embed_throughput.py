@@ -141,8 +141,8 @@ def main() -> None:
     vecs: dict[str, list] = {k: [] for k in encoders}
     probes, bf16_probes = [gemm_gflops(shapes, args.threads)], []
     blocks = np.array_split(np.arange(len(texts)), args.blocks)
+    names = list(encoders)
     for i, block in enumerate(blocks):
-        names = list(encoders)
         block_secs = {}
         for name in names[i % len(names):] + names[: i % len(names)]:
             t0 = time.perf_counter()

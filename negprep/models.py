@@ -11,6 +11,7 @@ import glob
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -249,7 +250,7 @@ class Encoder:
             enc = self.tokenizer(texts[i: i + TOKENIZE_CHUNK], truncation=True, max_length=self.spec.max_length,
                                  padding=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
             lengths.extend(len(ids) for ids in enc)
-            chunks.append(np.fromiter((t for ids in enc for t in ids), dtype=np.int32))
+            chunks.append(np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32))
         lengths_arr = np.array(lengths, dtype=np.int64)
         starts = np.zeros(len(lengths_arr), dtype=np.int64)
         np.cumsum(lengths_arr[:-1], out=starts[1:])
