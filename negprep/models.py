@@ -149,7 +149,7 @@ class EncoderSpec:
     normalize: bool
     prompt: str
     trust_remote_code: bool = False
-    dtype: str = "float32"  # float32 or bfloat16
+    dtype: str = "float32"  # float32, bfloat16 or int8 (negprep.quantize)
     compile: bool = False  # torch.compile: fused kernels round differently from eager ones
 
     def key(self) -> str:
@@ -173,7 +173,8 @@ class Encoder:
     """A transformers encoder on CPU: batches of similar length, pooling, optional L2 normalisation.
 
     `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs multiply them at
-    up to twice the fp32 rate); pooling and normalisation stay in fp32. `spec.compile` runs the
+    up to twice the fp32 rate); int8 runs the linear layers as exact integer GEMMs on per-token
+    quantised activations (negprep.quantize); pooling and normalisation stay in fp32 either way. `spec.compile` runs the
     model through torch.compile with frozen weights and dynamic shapes: one compile serves every
     batch shape, and an embedding still depends only on its text (tests/test_embed.py).
     """
@@ -189,12 +190,15 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
         self.model = AutoModel.from_pretrained(spec.model, dtype=dtype, **kw).eval()
-        if spec.compile:
-            import torch._inductor.config
+        if spec.dtype == "int8":
+            from negprep.quantize import quantize_linears
 
-            # constant weights let inductor pre-pack them for oneDNN and fuse the pointwise ops around the GEMMs
-            torch._inductor.config.freezing = True
-            self.model = torch.compile(self.model, dynamic=True)
+            quantize_linears(self.model)
+            release_free_memory()  # the fp32 weights just replaced
+        if spec.compile:
+            # constant weights let inductor pre-pack them for oneDNN and fuse the pointwise ops around
+            # the GEMMs. Not for int8: frozen, it had not got through 16 texts after 8 minutes (measured)
+            self.model = torch.compile(self.model, dynamic=True, options={"freezing": spec.dtype != "int8"})
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,

