@@ -65,7 +65,7 @@ The fp32 bound is the measured fp32 `linear` rate at the model's shapes
 ({emb['gemm_gflops_fp32_model_shapes']} GFLOP/s on average; bf16: {emb['gemm_gflops_bf16_model_shapes']}) over
 {emb['mflops_per_token']} MFLOP per token = {b:,} tokens/s. This host's speed drifts (the GEMM rate ranged
 {emb.get('gemm_gflops_fp32_range', ['?', '?'])[0]}-{emb.get('gemm_gflops_fp32_range', ['?', '?'])[1]} GFLOP/s
-during the run), so the three encoders take turns on {emb.get('blocks', 1)} blocks of the corpus with the rate
+during the run), so the encoders take turns on {emb.get('blocks', 1)} blocks of the corpus with the rate
 probed between blocks, and each one's share of the bound is against the rate probed around its own blocks.
 Recall@10 is over the {emb['queries_judged']}
 judged SciFact queries (train and test qrels) against the whole corpus.

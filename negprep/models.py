@@ -7,6 +7,7 @@ A model is named by a local directory, an installed Python package that bundles 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import importlib
@@ -195,10 +196,15 @@ class Encoder:
 
             quantize_linears(self.model)
             release_free_memory()  # the fp32 weights just replaced
+        # inductor settings in force while the model runs, so whenever it (re)compiles: constant
+        # weights let inductor pre-pack them for oneDNN and fuse the pointwise ops around the GEMMs.
+        # Not for int8: frozen, it had not got through 16 texts after 8 minutes (measured). (A
+        # process-wide setting, and torch.compile's `options` do not reach freezing.)
+        self._inductor = {"freezing": spec.dtype != "int8"}
         if spec.compile:
-            # constant weights let inductor pre-pack them for oneDNN and fuse the pointwise ops around
-            # the GEMMs. Not for int8: frozen, it had not got through 16 texts after 8 minutes (measured)
-            self.model = torch.compile(self.model, dynamic=True, options={"freezing": spec.dtype != "int8"})
+            import torch._inductor.config
+
+            self.model = torch.compile(self.model, dynamic=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,
@@ -220,7 +226,8 @@ class Encoder:
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
         out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        with torch.inference_mode():
+        compiling = torch._inductor.config.patch(self._inductor) if self.spec.compile else contextlib.nullcontext()
+        with torch.inference_mode(), compiling:
             start = batches = 0
             while start < len(order):
                 width = int(sorted_widths[start])
