@@ -109,8 +109,11 @@ class GuideConfig(EmbedConfig):
 
     @model_validator(mode="after")
     def _compile_biencoder(self) -> GuideConfig:
-        if self.compile and self.type == "crossencoder":
+        # the cross-encoder runs in fp32 and eager: refuse settings it would ignore
+        if self.type == "crossencoder" and self.compile:
             raise ValueError("compile applies to a bi-encoder guide, not a crossencoder")
+        if self.type == "crossencoder" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype} applies to a bi-encoder guide; a crossencoder runs in float32")
         return self
 
 

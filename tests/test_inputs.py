@@ -366,6 +366,9 @@ def test_config_errors_are_one_line(tmp_path):
     assert "model 'no-such-model-anywhere'" in _one_line(_cli("validate", str(job)))
     with pytest.raises(ConfigError, match="must not contain one another"):
         parse_job({"input": "x", "output": "out", "work_dir": "out/work"})
+    with pytest.raises(ConfigError, match="guide: .*dtype int8 applies to a bi-encoder guide"):
+        parse_job({"input": "x", "output": "y", "guide": {"model": "m", "type": "crossencoder", "dtype": "int8"}})
+    assert parse_job({"input": "x", "output": "y", "embed": {"dtype": "int8"}}).embed.dtype == "int8"
 
 
 def test_trust_remote_code_is_off_unless_the_job_asks(tmp_path, tiny_bert):
