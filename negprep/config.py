@@ -85,9 +85,10 @@ class EmbedConfig(_Strict):
         "layers only, per-token activations) about as fast eager and faster compiled, on CPUs with VNNI "
         "(cosine to fp32 0.998)")
     compile: bool = Field(
-        False, description="torch.compile the encoder (inductor, frozen weights): on CPU about 1.2x the tokens/s "
-        "in fp32 and 1.1x in bf16, after a compile of about 30 s per actor (40 s with a cold inductor cache); "
-        "worth it from about 20,000 passages per actor. Needs a C++ compiler. Bi-encoders only")
+        False, description="torch.compile the encoder (inductor; frozen weights but for int8): on CPU about 1.15x "
+        "the tokens/s in fp32, 1.07x in bf16 and 1.23x in int8, after a compile of 25-60 s per actor (the low end "
+        "with a warm inductor cache); worth it from about 20,000 passages per actor. Needs a C++ compiler. "
+        "Bi-encoders only")
 
 
 class GuideConfig(EmbedConfig):
