@@ -109,7 +109,7 @@ class GuideConfig(EmbedConfig):
     max_score: float | None = None
 
     @model_validator(mode="after")
-    def _compile_biencoder(self) -> GuideConfig:
+    def _crossencoder_settings(self) -> GuideConfig:
         # the cross-encoder runs in fp32 and eager: refuse settings it would ignore
         if self.type == "crossencoder" and self.compile:
             raise ValueError("compile applies to a bi-encoder guide, not a crossencoder")

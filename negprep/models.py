@@ -175,9 +175,10 @@ class Encoder:
 
     `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs multiply them at
     up to twice the fp32 rate); int8 runs the linear layers as exact integer GEMMs on per-token
-    quantised activations (negprep.quantize); pooling and normalisation stay in fp32 either way. `spec.compile` runs the
-    model through torch.compile with frozen weights and dynamic shapes: one compile serves every
-    batch shape, and an embedding still depends only on its text (tests/test_embed.py).
+    quantised activations (negprep.quantize); pooling and normalisation stay in fp32 either way.
+    `spec.compile` runs the model through torch.compile with dynamic shapes (and frozen weights but
+    for int8): one compile serves every batch shape, and an embedding still depends only on its
+    text (tests/test_embed.py).
     """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
