@@ -18,12 +18,13 @@ import logging
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from negprep.errors import ConfigError
+from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +153,38 @@ class EncoderSpec:
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32, bfloat16 or int8 (negprep.quantize)
     compile: bool = False  # torch.compile: fused kernels round differently from eager ones
+    runtime: str = "torch"  # or onnxruntime: other kernels, other last bits
+    # where the onnxruntime export lives (negprep.export); not part of the key: any copy of the
+    # same export gives the same embeddings
+    export: Folder | None = field(default=None, compare=False)
 
     def key(self) -> str:
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
         s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
-                        self.dtype, *(["compiled"] if self.compile else [])])
+                        self.dtype, *(["compiled"] if self.compile else []),
+                        *([self.runtime] if self.runtime != "torch" else [])])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
-def encoder_specs(resolved: str, cfg) -> tuple[EncoderSpec, EncoderSpec]:
-    """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg`."""
+def encoder_specs(resolved: str, cfg, work: Folder | None = None) -> tuple[EncoderSpec, EncoderSpec]:
+    """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg`; with
+    runtime onnxruntime, the specs name the export's folder under `work` (negprep.export)."""
     fp = model_fingerprint(resolved)
     pooling = detect_pooling(resolved) if cfg.pooling == "auto" else cfg.pooling
     common = (resolved, fp, pooling, cfg.max_length, cfg.normalize)
-    dtype, compile_ = getattr(cfg, "dtype", "float32"), getattr(cfg, "compile", False)
-    return (EncoderSpec(*common, cfg.passage_prompt, cfg.trust_remote_code, dtype, compile_),
-            EncoderSpec(*common, cfg.query_prompt, cfg.trust_remote_code, dtype, compile_))
+    rest = (cfg.trust_remote_code, getattr(cfg, "dtype", "float32"), getattr(cfg, "compile", False),
+            getattr(cfg, "runtime", "torch"))
+    specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
+    if specs[0].runtime == "onnxruntime" and work is not None:
+        from negprep.export import export_key
+
+        specs = tuple(replace(s, export=work.sub("models", export_key(s))) for s in specs)
+    return specs
+
+
+def make_encoder(spec: EncoderSpec, threads: int = 1) -> Encoder:
+    """The encoder for `spec`'s runtime."""
+    return OnnxEncoder(spec, threads) if spec.runtime == "onnxruntime" else Encoder(spec, threads)
 
 
 class Encoder:
@@ -207,6 +224,7 @@ class Encoder:
 
             self.model = torch.compile(self.model, dynamic=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.dim = self.model.config.hidden_size
 
     def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,
                prompt: str | None = None) -> np.ndarray:
@@ -216,7 +234,6 @@ class Encoder:
         tokens: on CPU a few thousand tokens per forward pass is fastest, whatever the text length.
         `prompt` overrides the spec's prompt (queries and passages share one loaded model).
         """
-        torch = self.torch
         prompt = self.spec.prompt if prompt is None else prompt
         ids_flat, starts, lengths = self.tokenize([prompt + t for t in texts])
         # Each text is padded to a width that depends only on its own length (a multiple of
@@ -226,30 +243,49 @@ class Encoder:
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
-        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        compiling = torch._inductor.config.patch(self._inductor) if self.spec.compile else contextlib.nullcontext()
-        with torch.inference_mode(), compiling:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with self._running():
             start = batches = 0
             while start < len(order):
                 width = int(sorted_widths[start])
-                rows = min(batch_size, max(1, batch_tokens // width)) if batch_tokens else batch_size
+                rows = batch_size
+                if batch_tokens:
+                    rows = min(rows, max(1, min(batch_tokens // width, ATTENTION_CELLS // (width * width))))
                 stop = min(start + rows, int(np.searchsorted(sorted_widths, width, side="right")))
                 idx = order[start:stop]
                 start = stop
                 ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
                 for row, i in enumerate(idx):
                     ids[row, : lengths[i]] = ids_flat[starts[i]: starts[i] + lengths[i]]
-                mask = torch.from_numpy((np.arange(width) < lengths[idx, None]).astype(np.int64))
-                hidden = self.model(input_ids=torch.from_numpy(ids), attention_mask=mask).last_hidden_state
-                vec = pool(hidden.float(), mask, self.spec.pooling)
-                if self.spec.normalize:
-                    vec = torch.nn.functional.normalize(vec, dim=-1)
-                out[idx] = vec.numpy()
+                out[idx] = self._embed(ids, (np.arange(width) < lengths[idx, None]).astype(np.int64))
                 batches += 1
                 if batches % TRIM_EVERY == 0:
                     release_free_memory()
         release_free_memory()
         return out
+
+    def _running(self):
+        """The context the model runs in: no autograd; the inductor settings when compiled."""
+        torch = self.torch
+        compiling = torch._inductor.config.patch(self._inductor) if self.spec.compile else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(compiling)
+        return stack
+
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """fp32 embeddings of one batch of padded token ids."""
+        torch = self.torch
+        mask_t = torch.from_numpy(mask)
+        hidden = self.model(input_ids=torch.from_numpy(ids), attention_mask=mask_t).last_hidden_state
+        vec = pool(hidden.float(), mask_t, self.spec.pooling)
+        if self.spec.normalize:
+            vec = torch.nn.functional.normalize(vec, dim=-1)
+        return vec.numpy()
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, padding=False,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids of all texts end to end as int32, each text's start in them, each text's length).
@@ -259,8 +295,7 @@ class Encoder:
         5,183 passages: +310 MB resident at once, +77 MB as Python lists, +5 MB kept like this)."""
         chunks, lengths = [], []
         for i in range(0, len(texts), TOKENIZE_CHUNK):
-            enc = self.tokenizer(texts[i: i + TOKENIZE_CHUNK], truncation=True, max_length=self.spec.max_length,
-                                 padding=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            enc = self._token_ids(texts[i: i + TOKENIZE_CHUNK])
             lengths.extend(len(ids) for ids in enc)
             chunks.append(np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32))
         lengths_arr = np.array(lengths, dtype=np.int64)
@@ -268,6 +303,60 @@ class Encoder:
         np.cumsum(lengths_arr[:-1], out=starts[1:])
         flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
         return flat, starts, lengths_arr
+
+
+class OnnxEncoder(Encoder):
+    """The same encoder run by onnxruntime from its export (`embed.runtime: onnxruntime`,
+    negprep.export): no torch or transformers in the process, so an actor needs about half the
+    memory. Batching, padding widths and tokenisation chunks are the Encoder's; the graph's ops and
+    the pooling here work row by row, so a text's embedding still depends on nothing else in its
+    batch."""
+
+    def __init__(self, spec: EncoderSpec, threads: int = 1):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        folder = spec.export
+        meta = folder.read_json("meta.json")
+        self.pad_id, self.dim = meta["pad_id"], meta["dim"]
+        self.tokenizer = Tokenizer.from_str(folder.read_bytes("tokenizer.json").decode())
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(spec.max_length)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        # batch shapes vary: a memory plan per shape would only accumulate (the arena is kept: without
+        # it, measured 45% slower and a higher peak from glibc's fragmentation)
+        opts.enable_mem_pattern = False
+        # from a file, not bytes: onnxruntime keeps a copy of bytes it was given (measured +56 MB on MiniLM)
+        with _local_file(folder, "model.onnx") as path:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def _running(self):
+        return contextlib.nullcontext()
+
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        vec = pool(hidden, mask, self.spec.pooling)
+        if self.spec.normalize:
+            vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+        return vec.astype(np.float32, copy=False)
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+
+@contextlib.contextmanager
+def _local_file(folder: Folder, name: str):
+    """A local path to `folder`/`name`: the file itself, or a temporary copy of a remote one."""
+    if folder.local:
+        yield folder.path(name)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="negprep-") as tmp:
+        folder.fs.get(folder.path(name), f"{tmp}/{name}")
+        yield f"{tmp}/{name}"
 
 
 def release_free_memory() -> None:
@@ -294,14 +383,21 @@ def _libc():
 _LIBC = _libc()
 TRIM_EVERY = 20  # batches between trims
 TOKENIZE_CHUNK = 512  # texts per tokenizer call
+# With batch_tokens, wide batches are also held to this many attention scores per head (rows x
+# width^2): at width 256, 4 rows instead of 8. As fast (interleaved runs), and onnxruntime's arena,
+# which keeps its largest batch's buffers, peaks 50 MB lower on SciFact.
+ATTENTION_CELLS = 1 << 18
 
 
 def pool(hidden, mask, mode: str):
-    """Mean over real tokens, the first token (cls), or the last real token (right padding)."""
+    """Mean over real tokens, the first token (cls), or the last real token (right padding), of
+    torch tensors or numpy arrays."""
     if mode == "cls":
         return hidden[:, 0]
     if mode == "last":
-        last = mask.sum(dim=1) - 1
-        return hidden[range(hidden.shape[0]), last]
+        return hidden[range(hidden.shape[0]), mask.sum(1) - 1]
+    if isinstance(hidden, np.ndarray):
+        m = mask[..., None].astype(hidden.dtype)
+        return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)

@@ -9,6 +9,10 @@ Per-token scales matter twice. BERT-style encoders have a few outlier activation
 scale per batch would let crush every other value (measured on MiniLM: cosine to fp32 0.92 with a
 scale per tensor, 0.998 with one per token). And a token's quantisation then depends on nothing
 else in its batch, so a text's embedding stays bit-identical however it is batched.
+
+`quantize_onnx` applies the same rule to an exported ONNX graph (`embed.runtime: onnxruntime`).
+onnxruntime's own `quantize_dynamic` uses one activation scale per tensor, so it fails on both
+counts (and measured 0.994 cosine to fp32 on MiniLM, against 0.9975 per token).
 """
 
 from __future__ import annotations
@@ -59,4 +63,65 @@ def quantize_linears(model: torch.nn.Module) -> int:
             count += 1
         else:
             count += quantize_linears(child)
+    return count
+
+
+def quantize_onnx(model) -> int:
+    """Rewrite every MatMul by a constant 2-D weight in ONNX `model` (an `onnx.ModelProto`, in
+    place) as the per-token int8 GEMM above; returns how many.
+
+    Per MatMul: the weight becomes int8 with a scale per output column; at run time each row of
+    the input gets scale = max|x| / 127, is shifted by 128 to uint8 (onnxruntime's fast VNNI kernel
+    multiplies uint8 by int8) and multiplied exactly in int32 by `MatMulIntegerToFloat`, which
+    applies the weight scales; the row scale follows. Only per-row reductions and elementwise ops,
+    so a row's result never depends on the other rows of its batch.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+
+    def const(name: str, value, dtype=np.float32) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
+    one, zero_point = const("q_one", 1.0), const("q_zero_point", 128, np.uint8)
+    qmax, inv_qmax, tiny, shift = const("q_max", QMAX), const("q_inv_max", 1 / QMAX), const("q_tiny", 1e-12), \
+        const("q_shift", 128.5)  # +128 to uint8, +0.5 so that the cast's truncation rounds
+    nodes, count = [], 0
+    for node in graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        wf = numpy_helper.to_array(w).astype(np.float32)  # (in, out)
+        ws = np.abs(wf).max(axis=0) / QMAX
+        ws[ws == 0] = 1.0
+        p = f"q{count}_"
+        wq = const(p + "w", np.clip(np.round(wf / ws), -QMAX, QMAX), np.int8)
+        wscale = const(p + "w_scale", ws)
+        x = node.input[0]
+        nodes += [
+            helper.make_node("Abs", [x], [p + "abs"]),
+            helper.make_node("ReduceMax", [p + "abs"], [p + "amax0"], axes=[-1], keepdims=1),
+            helper.make_node("Max", [p + "amax0", tiny], [p + "amax"]),
+            helper.make_node("Div", [qmax, p + "amax"], [p + "inv_scale"]),
+            helper.make_node("Mul", [p + "amax", inv_qmax], [p + "scale"]),
+            helper.make_node("Mul", [x, p + "inv_scale"], [p + "scaled"]),
+            helper.make_node("Add", [p + "scaled", shift], [p + "shifted"]),
+            helper.make_node("Cast", [p + "shifted"], [p + "xq"], to=TensorProto.UINT8),
+            helper.make_node("MatMulIntegerToFloat", [p + "xq", wq, one, wscale, zero_point], [p + "y"],
+                             domain="com.microsoft"),
+            helper.make_node("Mul", [p + "y", p + "scale"], [node.output[0]]),
+        ]
+        count += 1
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("read", "embed", "search", "mine")  # the order they run in; `redo` / --from name one
 INCOMPLETE = "_INCOMPLETE"  # in an output while a run writes it; `_SUCCESS` replaces it at the end
-VERSIONED = ("negprep", "ray", "pyarrow", "polars", "faiss-cpu", "transformers", "torch", "numpy", "fsspec", "s3fs")
+VERSIONED = ("negprep", "ray", "pyarrow", "polars", "faiss-cpu", "transformers", "torch", "onnxruntime", "numpy",
+             "fsspec", "s3fs")
 
 
 def start_ray(job: Job) -> None:
@@ -125,6 +126,22 @@ def unfinished(out: Folder) -> bool:
     return out.exists(INCOMPLETE) and not out.exists("_SUCCESS")
 
 
+def export_models(job: Job, resolved: str, work: Folder) -> None:
+    """Export the models that run on onnxruntime (the embedding model, a bi-encoder guide) into the
+    work directory, unless a previous run did (negprep.export)."""
+    from negprep.export import ensure_exported
+
+    configs = [(resolved, job.embed)]
+    if job.guide and job.guide.type == "biencoder":
+        configs.append((resolve_model(job.guide.model), job.guide))
+    for model, cfg in configs:
+        if cfg.runtime == "onnxruntime":
+            spec = encoder_specs(model, cfg, work)[0]
+            t0 = time.perf_counter()
+            if ensure_exported(spec, spec.export):
+                log.info("exported %s (%s) for onnxruntime in %.1f s", model, cfg.dtype, time.perf_counter() - t0)
+
+
 def cluster_cpus() -> int:
     import ray
 
@@ -155,6 +172,7 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
         raise ConfigError(f"{job.output}: output exists; pass --overwrite to replace it")
     resolved = resolve_model(job.model)
     check_compile_settings(job)
+    export_models(job, resolved, work)  # before Ray: the export's torch process is gone when actors start
     start_ray(job)
     cpus = cluster_cpus()
     timings: dict[str, float] = {}
@@ -172,7 +190,7 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
 
     with _timed(timings, "embed"):
         e = job.embed
-        pspec, qspec = encoder_specs(resolved, e)
+        pspec, qspec = encoder_specs(resolved, e, work)
         pdir, qdir = work.sub("embeddings", pspec.key()), work.sub("embeddings", qspec.key())
         parts = [EmbedPart("corpus", pspec, rdir.sub("corpus"), read["corpus_shards"], pdir),
                  EmbedPart("queries", qspec, rdir.sub("queries"), read["query_shards"], qdir)]

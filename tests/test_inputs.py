@@ -369,6 +369,10 @@ def test_config_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="guide: .*dtype int8 applies to a bi-encoder guide"):
         parse_job({"input": "x", "output": "y", "guide": {"model": "m", "type": "crossencoder", "dtype": "int8"}})
     assert parse_job({"input": "x", "output": "y", "embed": {"dtype": "int8"}}).embed.dtype == "int8"
+    with pytest.raises(ConfigError, match="embed: .*runtime onnxruntime runs float32 or int8, not bfloat16"):
+        parse_job({"input": "x", "output": "y", "embed": {"runtime": "onnxruntime", "dtype": "bfloat16"}})
+    with pytest.raises(ConfigError, match="compile applies to runtime torch"):
+        parse_job({"input": "x", "output": "y", "embed": {"runtime": "onnxruntime", "compile": True}})
 
 
 def test_trust_remote_code_is_off_unless_the_job_asks(tmp_path, tiny_bert):

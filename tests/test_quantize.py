@@ -60,3 +60,47 @@ def test_any_number_of_rows_runs(rows):
     # the integer GEMM has shape limits on some backends: negprep feeds it every batch size
     q = Int8Linear(torch.nn.Linear(384, 1536))
     assert q(torch.randn(rows, 384)).shape == (rows, 1536)
+
+
+def test_onnx_rewrite_runs_the_same_rule_in_onnxruntime():
+    """quantize_onnx: a MatMul by a constant becomes per-token int8 x per-channel int8, and
+    onnxruntime computes exactly the integer product the rule defines."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from negprep.quantize import quantize_onnx
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((96, 40)) * np.linspace(0.01, 2, 40)).astype(np.float32)
+    w[:, 7] = 0.0  # a dead output channel keeps a usable scale
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Relu", ["mm"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "tokens", 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "tokens", 40])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_onnx(model) == 1
+    assert not any(t.name == "w" for t in model.graph.initializer)  # the fp32 weight is gone
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal((3, 7, 96)) * np.logspace(-3, 3, 7)[None, :, None]).astype(np.float32)
+    x[0, 2] = 0.0
+    got = sess.run(None, {"x": x})[0]
+    # the rule in numpy: symmetric per-token and per-channel scales, an exact integer product
+    ws = np.abs(w).max(0) / QMAX
+    ws[ws == 0] = 1
+    wq = np.round(w / ws).astype(np.int64)
+    amax = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12)
+    xq = np.floor(x * (QMAX / amax) + 0.5).astype(np.int64)
+    assert np.abs(xq).max() <= QMAX
+    want = np.maximum((xq @ wq) * ws * (amax / QMAX), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.array_equal(got[0, 2], np.zeros(40, np.float32))  # a zero token stays zero
+    exact = np.maximum(x @ w, 0)
+    rel = np.linalg.norm(got - exact, axis=-1) / np.maximum(np.linalg.norm(exact, axis=-1), 1e-30)
+    assert rel[np.linalg.norm(exact, axis=-1) > 0].max() < 0.03  # every token on its own scale, six decades apart
+    # a token's output is the same bits alone or in any batch
+    assert np.array_equal(sess.run(None, {"x": x[1:2, 3:4]})[0], got[1:2, 3:4])
+    assert np.array_equal(sess.run(None, {"x": x[::-1].copy()})[0], got[::-1])

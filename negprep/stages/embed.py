@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from negprep.models import Encoder, EncoderSpec
+from negprep.models import Encoder, EncoderSpec, make_encoder
 from negprep.paths import Folder
 from negprep.schemas import conform
 
@@ -42,7 +42,7 @@ class ShardEmbedder:
     """Ray actor: one model per actor, one shard per call."""
 
     def __init__(self, spec: EncoderSpec, threads: int, batch_size: int, batch_tokens: int | None):
-        self.encoder = Encoder(spec, threads=threads)
+        self.encoder = make_encoder(spec, threads=threads)
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
 
     def embed(self, texts: Folder, src: str, cache: Folder, dst: str, prompt: str) -> tuple[int, float]:

@@ -196,7 +196,7 @@ def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Fold
 
     g = job.guide
     resolved = resolve_model(g.model)
-    pspec, qspec = encoder_specs(resolved, g)
+    pspec, qspec = encoder_specs(resolved, g, work)
     window = (job.range_min, job.range_max)
     gdir = work.sub("guide", stage_key(sdir.url, g.type, pspec.key(), qspec.key(), window))
     shards = read["query_shards"]
