@@ -142,7 +142,8 @@ def machine() -> dict:
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
     isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
-    pkgs = ("negprep", "torch", "transformers", "sentence-transformers", "ray", "faiss-cpu", "pyarrow", "polars")
+    pkgs = ("negprep", "torch", "onnxruntime", "transformers", "sentence-transformers", "ray", "faiss-cpu", "pyarrow",
+            "polars")
     return {
         "cpu": cpu,
         "isa": isa,

@@ -1,10 +1,11 @@
 """Embedding throughput against sentence-transformers and against the CPU's fp32 bound.
 
 Non-padding tokens per second of negprep's Encoder (fp32, bf16 and int8, eager and with
-`embed.compile`) and of sentence-transformers' `encode` on the same SciFact passages (the whole
-corpus by default). The bound is the CPU's measured fp32 matrix-multiply rate at the model's own
-shapes divided by the model's FLOPs per token. The encoders take turns on blocks of the corpus
-with the GEMM rate probed between blocks, since a shared host's speed drifts during a run. For
+`embed.compile`; fp32 and int8 on onnxruntime) and of sentence-transformers' `encode` on the same
+SciFact passages (the whole corpus by default). The bound is the CPU's measured fp32
+matrix-multiply rate at the model's own shapes divided by the model's FLOPs per token. The
+encoders take turns on blocks of the corpus with the GEMM rate probed between blocks, since a
+shared host's speed drifts during a run. For
 every negprep variant but fp32 eager: the mean cosine to the fp32 embeddings, and the recall@10
 of the SciFact queries (train and test qrels) against the fp32 recall@10, with the overlap of the
 two top-10 lists. Prints and writes JSON; not a timed test.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -30,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from negprep.config import EmbedConfig  # noqa: E402
-from negprep.models import Encoder, EncoderSpec, encoder_specs, resolve_model  # noqa: E402
+from negprep.export import ensure_exported  # noqa: E402
+from negprep.models import Encoder, EncoderSpec, encoder_specs, make_encoder, resolve_model  # noqa: E402
+from negprep.paths import Folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_TOKENS = EmbedConfig().batch_tokens  # what a job uses by default
@@ -126,6 +130,14 @@ def main() -> None:
             enc = Encoder(EncoderSpec(**{**pspec.__dict__, "dtype": dtype, "compile": compiled}), threads=args.threads)
             name = f"negprep_{dtype}" + ("_compiled" if compiled else "")
             encoders[name] = partial(enc.encode, batch_size=256, batch_tokens=BATCH_TOKENS)
+    exports = Folder(tempfile.mkdtemp(prefix="negprep-exports-"))
+    for dtype in ("float32", "int8"):
+        cfg = _Cfg()
+        cfg.runtime, cfg.dtype = "onnxruntime", dtype
+        spec, _ = encoder_specs(model_dir, cfg, exports)
+        ensure_exported(spec, spec.export)
+        enc = make_encoder(spec, threads=args.threads)
+        encoders[f"negprep_onnxruntime_{dtype}"] = partial(enc.encode, batch_size=256, batch_tokens=BATCH_TOKENS)
     first_call = {}
     for name, f in encoders.items():  # first calls of each kernel (and the compiles) out of the way
         t0 = time.perf_counter()

@@ -25,8 +25,10 @@ def render(vs: dict, emb: dict) -> str:
              f"{st['peak_pss_mb']:,} MB", "1.00", "", "", ""]]
     for run, r in vs["negprep"].items():
         s = r["stage_seconds"]
-        dtype, _, compiled = run.partition("+")
-        label = f"negprep, embed.dtype {dtype}{', embed.compile' if compiled else ''}"
+        runtime, _, dtype = run.rpartition(":")
+        dtype, _, compiled = dtype.partition("+")
+        label = f"negprep, {'runtime onnxruntime, ' if runtime else ''}embed.dtype {dtype}" + (
+            ", embed.compile" if compiled else "")
         rows.append([label, f"{r['seconds']:.0f} s", f"{r['wall_time_ratio']:.2f}",
                      f"{r['peak_pss_mb']:,} MB", f"{r['peak_pss_ratio']:.2f}",
                      f"{r['negative_overlap_on_common_pairs']:.1%}", f"{s['embed']:.0f} s",
@@ -41,8 +43,9 @@ def render(vs: dict, emb: dict) -> str:
               f"{emb['sentence_transformers']['share_of_fp32_bound']:.0%}", "", "", "", ""]]
     for name, r in emb.items():
         if name.startswith("negprep_"):
-            dtype, _, compiled = name.removeprefix("negprep_").partition("_")
-            label = f"negprep Encoder ({dtype}{', embed.compile' if compiled else ''})"
+            onnx = name.startswith("negprep_onnxruntime_")
+            dtype, _, compiled = name.removeprefix("negprep_onnxruntime_" if onnx else "negprep_").partition("_")
+            label = f"negprep Encoder ({'onnxruntime ' if onnx else ''}{dtype}{', embed.compile' if compiled else ''})"
             first = r.get("compile_and_first_64_seconds")
             erows.append([label, f"{r['tokens_per_s']:,}", f"{r['share_of_fp32_bound']:.0%}",
                           f"{r['recall_at_10']:.3f}", r.get("mean_cosine_to_fp32", ""),
@@ -51,7 +54,8 @@ def render(vs: dict, emb: dict) -> str:
                 "recall@10 vs fp32 (points)", "compile (+ first 64 texts)"], erows)
     return f"""{BEGIN}
 Measured on {m['cores']} cores of an {m['cpu']} ({', '.join(m['isa'])}), {m['memory_gib']} GiB, Python {m['python']};
-torch {v['torch']}, transformers {v['transformers']}, sentence-transformers {v['sentence-transformers']},
+torch {v['torch']}, onnxruntime {v.get('onnxruntime', '?')}, transformers {v['transformers']},
+sentence-transformers {v['sentence-transformers']},
 ray {v['ray']}, faiss-cpu {v['faiss-cpu']}. {vs['settings']}; both embed from scratch.
 Peak memory is the proportional set size (PSS) summed over each tool's process tree, sampled every
 1 s (reading every process's smaps costs CPU): for negprep that includes every Ray process.

