@@ -318,6 +318,8 @@ class OnnxEncoder(Encoder):
 
         self.spec = spec
         folder = spec.export
+        if folder is None:
+            raise ValueError(f"{spec.model}: an onnxruntime encoder needs its export (negprep.export.ensure_exported)")
         meta = folder.read_json("meta.json")
         self.pad_id, self.dim = meta["pad_id"], meta["dim"]
         self.tokenizer = Tokenizer.from_str(folder.read_bytes("tokenizer.json").decode())

@@ -106,11 +106,16 @@ def _check(tmp_path, m, data_positives=None):
 
 def test_biencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
     guide = build_tiny_bert(tmp_path / "guide-bert", seed=1)
-    m = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(guide), "type": "biencoder",
-                                                      "absolute_margin": 0.0, "relative_margin": None}))
-    _check(tmp_path, m)
-    g = m["stages"]["guide"]
-    assert g["passages"] <= m["counts"]["passages"]  # only the texts it needs
+    g = {"model": str(guide), "type": "biencoder", "absolute_margin": 0.0, "relative_margin": None}
+    m = run_job(_job(tmp_path, demo_data, tiny_bert, g))
+    rows = _check(tmp_path, m)
+    assert m["stages"]["guide"]["passages"] <= m["counts"]["passages"]  # only the texts it needs
+    # the guide on onnxruntime (exported before Ray starts; the miner stays on torch): the same scores
+    onnx = run_job(_job(tmp_path, demo_data, tiny_bert, {**g, "runtime": "onnxruntime"}), overwrite=True)
+    assert len(list((tmp_path / "work" / "models").iterdir())) == 1 and onnx["counts"] == m["counts"]
+    score = {(r["query_id"], r["negative_id"]): r["negative_guide_score"] for r in rows}
+    got = {(r["query_id"], r["negative_id"]): r["negative_guide_score"] for r in _check(tmp_path, onnx)}
+    assert got.keys() == score.keys() and max(abs(got[k] - score[k]) for k in got) < 1e-5
     # the guide being the mining model itself: its whole-corpus embeddings are reused, nothing re-embedded
     m2 = run_job(_job(tmp_path, demo_data, tiny_bert, {"model": str(tiny_bert)}), overwrite=True)
     assert m2["stages"]["guide"]["passages"] == "whole corpus (cached)"
