@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -80,19 +79,16 @@ def test_rerun_reuses_embeddings_and_refuses_existing_output(ray_session, tiny_b
     assert [r["negative_id"] for r in t] != [r["negative_id"] for r in t2]
 
 
-def test_onnxruntime_job_exports_once_and_mines_like_torch(ray_session, tiny_bert, demo_data, tmp_path):
-    torch_run = run_job(_job(tmp_path / "t", demo_data, tiny_bert))
+def test_onnxruntime_job_exports_once_and_reuses_the_export(ray_session, tiny_bert, demo_data, tmp_path):
+    # (that onnxruntime mines what torch mines, to 1e-5 in every score: the bi-encoder guide test)
     job = _job(tmp_path, demo_data, tiny_bert, embed={"batch_size": 16, "runtime": "onnxruntime"})
     first = run_job(job)
     (export,) = (tmp_path / "work" / "models").iterdir()  # made before Ray started, in the work directory
     assert {p.name for p in export.iterdir()} == {"model.onnx", "tokenizer.json", "meta.json", "_SUCCESS"}
     made = (export / "model.onnx").stat().st_mtime_ns
     c = first["counts"]
-    assert c == torch_run["counts"]  # fp32 in either runtime: the same candidates survive the same rules
-    a, b = (pq.read_table(d / "out" / "data").to_pydict() for d in (tmp_path, tmp_path / "t"))
-    ids = ("query_id", "positive_id", "negative_id")
-    assert [a[k] for k in ids] == [b[k] for k in ids]  # scores agree to ~1e-7, far inside every margin
-    np.testing.assert_allclose(a["negative_score"], b["negative_score"], atol=1e-5)
+    assert c["kept"] + sum(v for k, v in c.items() if k.startswith("dropped_")) == c["candidates"]
+    assert pq.read_table(tmp_path / "out" / "data").num_rows == c["negatives"] > 0
     assert first["versions"]["onnxruntime"]
     second = run_job(job, overwrite=True)
     assert (export / "model.onnx").stat().st_mtime_ns == made and second["counts"] == c
