@@ -11,6 +11,9 @@ then `_SUCCESS`), so every node's actors read the same file, as they read every 
 The graph ends at the last hidden states: onnxruntime's reductions take another path for a batch
 of one row, so pooling in the graph would make an embedding depend on its batch; the encoder pools
 in numpy instead (measured: 195 of 200 texts differed in the last bits embedded alone).
+The model is exported with transformers' eager attention: the SDPA path exports a NaN guard
+(`IsNaN`, `Where`) over every attention score that took a quarter of onnxruntime's time (measured
+on MiniLM int8, 400 SciFact passages: 12.3 -> 8.7 s).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from negprep.paths import Folder
 
 FILES = ("model.onnx", "tokenizer.json", "meta.json")
 OPSET = 17
-VERSION = 1  # bump when the exported graph changes for the same settings
+VERSION = 2  # bump when the exported graph changes for the same settings
 
 
 def export_key(spec) -> str:
@@ -63,7 +66,8 @@ def export(model: str, dtype: str, trust_remote_code: bool, out: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise NegprepError(f"{model}: onnxruntime needs a fast tokenizer (tokenizer.json); use runtime: torch")
-    encoder = AutoModel.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    encoder = AutoModel.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                        attn_implementation="eager").eval()  # see the module's docstring
 
     class Hidden(torch.nn.Module):
         def __init__(self):
