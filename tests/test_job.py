@@ -81,11 +81,16 @@ def test_rerun_reuses_embeddings_and_refuses_existing_output(ray_session, tiny_b
 
 def test_onnxruntime_job_exports_once_and_reuses_the_export(ray_session, tiny_bert, demo_data, tmp_path):
     # (that onnxruntime mines what torch mines, to 1e-5 in every score: the bi-encoder guide test)
+    import onnx
+
     job = _job(tmp_path, demo_data, tiny_bert, embed={"batch_size": 16, "runtime": "onnxruntime"})
     first = run_job(job)
     (export,) = (tmp_path / "work" / "models").iterdir()  # made before Ray started, in the work directory
     assert {p.name for p in export.iterdir()} == {"model.onnx", "tokenizer.json", "meta.json", "_SUCCESS"}
     made = (export / "model.onnx").stat().st_mtime_ns
+    # eager attention: the SDPA export's NaN guard over every attention score cost a quarter of the time
+    ops = {n.op_type for n in onnx.load(str(export / "model.onnx")).graph.node}
+    assert "Softmax" in ops and "IsNaN" not in ops
     c = first["counts"]
     assert c["kept"] + sum(v for k, v in c.items() if k.startswith("dropped_")) == c["candidates"]
     assert pq.read_table(tmp_path / "out" / "data").num_rows == c["negatives"] > 0
