@@ -126,20 +126,24 @@ def unfinished(out: Folder) -> bool:
     return out.exists(INCOMPLETE) and not out.exists("_SUCCESS")
 
 
-def export_models(job: Job, resolved: str, work: Folder) -> None:
+def export_models(job: Job, resolved: str, work: Folder) -> float | None:
     """Export the models that run on onnxruntime (the embedding model, a bi-encoder guide) into the
-    work directory, unless a previous run did (negprep.export)."""
+    work directory, unless a previous run did (negprep.export); the seconds it took, None when no
+    model runs on onnxruntime."""
     from negprep.export import ensure_exported
 
     configs = [(resolved, job.embed)]
     if job.guide and job.guide.type == "biencoder":
         configs.append((resolve_model(job.guide.model), job.guide))
+    seconds = None
     for model, cfg in configs:
         if cfg.runtime == "onnxruntime":
             spec = encoder_specs(model, cfg, work)[0]
             t0 = time.perf_counter()
             if ensure_exported(spec, spec.export):
                 log.info("exported %s (%s) for onnxruntime in %.1f s", model, cfg.dtype, time.perf_counter() - t0)
+            seconds = round((seconds or 0.0) + time.perf_counter() - t0, 3)
+    return seconds
 
 
 def cluster_cpus() -> int:
@@ -172,10 +176,12 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
         raise ConfigError(f"{job.output}: output exists; pass --overwrite to replace it")
     resolved = resolve_model(job.model)
     check_compile_settings(job)
-    export_models(job, resolved, work)  # before Ray: the export's torch process is gone when actors start
+    timings: dict[str, float] = {}
+    # before Ray: the export's torch process is gone when actors start
+    if (seconds := export_models(job, resolved, work)) is not None:
+        timings["export"] = seconds
     start_ray(job)
     cpus = cluster_cpus()
-    timings: dict[str, float] = {}
 
     with _timed(timings, "read"):
         rdir = work.sub("input", read_key(job, fps))

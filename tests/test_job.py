@@ -97,6 +97,7 @@ def test_onnxruntime_job_exports_once_and_reuses_the_export(ray_session, tiny_be
     assert first["versions"]["onnxruntime"]
     second = run_job(job, overwrite=True)
     assert (export / "model.onnx").stat().st_mtime_ns == made and second["counts"] == c
+    assert second["timings_s"]["export"] < first["timings_s"]["export"]  # reused, not made again
     assert second["stages"]["embed"]["corpus"]["shards_reused"] == 1
 
 
