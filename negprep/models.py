@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from negprep.errors import ConfigError
+from negprep.export import export_key
 from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,10 @@ class EncoderSpec:
 
     def key(self) -> str:
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
+        # so is the export's graph (export_key: its opset and version too): another graph, other bits
         s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
                         self.dtype, *(["compiled"] if self.compile else []),
-                        *([self.runtime] if self.runtime != "torch" else [])])
+                        *([self.runtime, export_key(self)] if self.runtime != "torch" else [])])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
@@ -176,8 +178,6 @@ def encoder_specs(resolved: str, cfg, work: Folder | None = None) -> tuple[Encod
             getattr(cfg, "runtime", "torch"))
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
     if specs[0].runtime == "onnxruntime" and work is not None:
-        from negprep.export import export_key
-
         specs = tuple(replace(s, export=work.sub("models", export_key(s))) for s in specs)
     return specs
 

@@ -140,10 +140,12 @@ def export_models(job: Job, resolved: str, work: Folder) -> float | None:
         if cfg.runtime == "onnxruntime":
             spec = encoder_specs(model, cfg, work)[0]
             t0 = time.perf_counter()
-            if ensure_exported(spec, spec.export):
-                log.info("exported %s (%s) for onnxruntime in %.1f s", model, cfg.dtype, time.perf_counter() - t0)
-            seconds = round((seconds or 0.0) + time.perf_counter() - t0, 3)
-    return seconds
+            made = ensure_exported(spec, spec.export)
+            took = time.perf_counter() - t0
+            if made:
+                log.info("exported %s (%s) for onnxruntime in %.1f s", model, cfg.dtype, took)
+            seconds = (seconds or 0.0) + took
+    return None if seconds is None else round(seconds, 3)
 
 
 def cluster_cpus() -> int:

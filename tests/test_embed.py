@@ -103,6 +103,10 @@ def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_p
     spec, query = encoder_specs(str(tiny_bert), cfg, Folder(str(tmp_path)))
     torch_spec = EncoderSpec(**{**spec.__dict__, "runtime": "torch", "export": None})
     assert spec.key() != torch_spec.key() and spec.export.url == query.export.url  # one export, both prompts
+    key = spec.key()
+    with pytest.MonkeyPatch.context() as mp:  # another exported graph: its embeddings are cached apart
+        mp.setattr("negprep.export.VERSION", -1)
+        assert spec.key() != key
     assert ensure_exported(spec, spec.export) and not ensure_exported(spec, spec.export)  # made once
     enc = make_encoder(spec, threads=1)
     assert isinstance(enc, OnnxEncoder)
