@@ -14,6 +14,9 @@ import traceback
 from negprep import storage
 from negprep.errors import NegprepError
 
+# the stages' names, without importing them (and torch, pyarrow, ...) for `--help`
+NAMES = ("read", "embed", "search", "guide", "cluster", "mine", "batch", "publish")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="negprep", description="Mine hard negatives into Parquet training data.")
@@ -25,12 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     redo = run.add_mutually_exclusive_group()
     redo.add_argument("--force", action="store_true", help="recompute every stage, ignoring finished work")
-    redo.add_argument(
-        "--from",
-        dest="redo",
-        choices=("read", "embed", "search", "mine"),
-        help="recompute this stage and the later ones",
-    )
+    redo.add_argument("--from", dest="redo", choices=NAMES, help="recompute this stage and the later ones")
     val = sub.add_parser("validate", help="check a job file and read its inputs against schemas/, without Ray")
     val.add_argument("job")
     rep = sub.add_parser("report", help="rebuild OUTPUT/report.html from OUTPUT/manifest.json")
@@ -60,17 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job, overrides)
         storage.remember_secrets(job.model_dump(mode="json"))
         if args.command == "validate":
-            from negprep.models import check_compile_settings, resolve_model
-            from negprep.stages.read import check_inputs, format_check
+            from negprep.checks import check_inputs
+            from negprep.runner import check_job
+            from negprep.summary import format_check
 
-            resolve_model(job.model)  # a typo in the model name is a config error too
-            check_compile_settings(job)
+            check_job(job)  # what a run checks before Ray starts: model names, compilers, inputs
             print(format_check(args.job, job, check_inputs(job)))
             return 0
         from negprep.runner import run_job
         from negprep.summary import format_summary
 
-        manifest = run_job(job, overwrite=args.overwrite, redo="read" if args.force else args.redo)
+        manifest = run_job(job, overwrite=args.overwrite, redo=NAMES[0] if args.force else args.redo)
         print(format_summary(manifest))
         return 0
     except NegprepError as e:

@@ -211,7 +211,7 @@ class Job(_Strict):
     )
 
     guide: GuideConfig | None = None
-    rejected: str | None = Field(None, description="write the dropped candidates, with rule and scores, here")
+    dropped: str | None = Field(None, description="write the dropped candidates, with rule and scores, here")
 
     read: ReadConfig = ReadConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -251,9 +251,15 @@ class Job(_Strict):
         return self.work_dir or self.output.rstrip("/") + "-work"
 
 
+#: keys an earlier version of negprep read, and what they are called now
+RENAMED = {"rejected": "dropped"}
+
+
 def _one_line(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "beir", "tables", "pairs")))
+    if err["type"] == "extra_forbidden" and loc in RENAMED:
+        return f"{source}: key '{loc}' is now called '{RENAMED[loc]}'"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'"
     if err["type"] == "missing":

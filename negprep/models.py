@@ -96,13 +96,6 @@ def _from_split_zip(name: str) -> str | None:
     return str(found[0].parent) if found else None
 
 
-def check_compile_settings(job) -> None:
-    """Fail before Ray starts when the job turns on `compile` (embed or guide) without a compiler."""
-    for setting, on in (("embed.compile", job.embed.compile), ("guide.compile", job.guide and job.guide.compile)):
-        if on:
-            check_compiler(setting)
-
-
 def check_compiler(setting: str) -> None:
     """A ConfigError unless a C++ compiler is on PATH: torch.compile (`embed.compile`) builds its
     CPU kernels with one, and without it every actor would fail at its first batch."""

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -19,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from negprep.storage import fs_options, redact, with_env_credentials
+from negprep.errors import ConfigError
+from negprep.storage import explain, fs_options, redact, with_env_credentials
 
 
 class Folder:
@@ -104,6 +106,75 @@ class Folder:
     def rm(self, name: str = "", recursive: bool = False) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name), recursive=recursive)
+
+    def file(self, name: str) -> File:
+        return File(self, name)
+
+    def files(self, names: list[str] | tuple[str, ...]) -> Files:
+        return Files(self, tuple(names))
+
+    def check_writable(self, role: str) -> None:
+        """Fail with a one-line ConfigError unless this folder can be written (`role` names it).
+
+        Object stores: one empty probe object is written and deleted, which catches an unreachable
+        endpoint, a missing bucket, missing credentials and missing write permission before any work.
+        Local paths: the nearest existing ancestor must be a writable directory.
+        """
+        if self.local:
+            p = os.path.abspath(self.root)
+            while not os.path.exists(p):
+                p = os.path.dirname(p)
+            if not os.path.isdir(p) or not os.access(p, os.W_OK):
+                raise ConfigError(f"{self.url}: {role} is not writable ({p} is not a writable directory)")
+            return
+        probe = f".negprep-write-check-{uuid.uuid4().hex[:12]}"
+        try:
+            self.write_bytes(probe, b"")
+            self.fs.rm(self.path(probe))
+        except Exception as e:  # noqa: BLE001 - any storage failure becomes one line; others re-raise
+            msg = explain(e, self.url)
+            if msg is None:
+                raise
+            raise ConfigError(f"{role}: {msg}") from None
+
+
+@dataclass(frozen=True)
+class File:
+    """One file of a folder: how stages name a shard file to each other."""
+
+    folder: Folder
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return self.folder.uri(self.name)
+
+    def exists(self) -> bool:
+        return self.folder.exists(self.name)
+
+    def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
+        return self.folder.read_parquet(self.name, columns=columns)
+
+    def write_parquet(self, table: pa.Table) -> None:
+        self.folder.write_parquet(self.name, table)
+
+
+@dataclass(frozen=True)
+class Files:
+    """Several files of one folder, such as the corpus's text shards."""
+
+    folder: Folder
+    names: tuple[str, ...]
+
+    def __iter__(self):
+        return (File(self.folder, n) for n in self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def lookup(self, ids: set[str], column: str) -> dict:
+        """id -> `column` for the given ids across these Parquet files."""
+        return self.folder.lookup(list(self.names), ids, column)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

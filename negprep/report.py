@@ -80,13 +80,13 @@ def histograms(samples: dict[str, np.ndarray], distributions: dict[str, list[int
 
     Args:
         samples: the mine tasks' concatenated samples (positive_scores, negative_scores, margins,
-            negative_ranks, kept_scores, rejected_scores and the guide's, as far as present).
+            negative_ranks, kept_scores, dropped_scores and the guide's, as far as present).
         distributions: exact counts indexed by value (negatives_per_pair, kept_per_query).
     """
     out: dict[str, Any] = {}
     specs = {
         "scores": {"positive": "positive_scores", "negative": "negative_scores"},
-        "candidate_scores": {"kept": "kept_scores", "dropped": "rejected_scores"},
+        "candidate_scores": {"kept": "kept_scores", "dropped": "dropped_scores"},
         "guide_scores": {"positive": "positive_guide_scores", "negative": "negative_guide_scores"},
         "margins": {"margin": "margins"},
     }

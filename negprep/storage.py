@@ -16,14 +16,8 @@ import inspect
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
-from negprep.errors import ConfigError
-
-if TYPE_CHECKING:
-    from negprep.paths import Folder
+from typing import Any
 
 S3 = ("s3", "s3a")
 # friendly name -> where s3fs wants it: a top-level kwarg, or a key inside client_kwargs / config_kwargs.s3
@@ -295,28 +289,3 @@ def explain(e: BaseException, url: str) -> str | None:
     if any(type(x).__module__.startswith(("botocore", "aiobotocore", "aiohttp")) for x in chain):
         return f"{where}: storage error ({redact(_first_line(e))})"
     return None
-
-
-def check_writable(folder: Folder, role: str) -> None:
-    """Fail with a one-line ConfigError unless `folder` can be written.
-
-    Object stores: one empty probe object is written and deleted, which catches an unreachable
-    endpoint, a missing bucket, missing credentials and missing write permission before any work.
-    Local paths: the nearest existing ancestor must be a writable directory.
-    """
-    if folder.local:
-        p = os.path.abspath(folder.root)
-        while not os.path.exists(p):
-            p = os.path.dirname(p)
-        if not os.path.isdir(p) or not os.access(p, os.W_OK):
-            raise ConfigError(f"{folder.url}: {role} is not writable ({p} is not a writable directory)")
-        return
-    probe = f".negprep-write-check-{uuid.uuid4().hex[:12]}"
-    try:
-        folder.write_bytes(probe, b"")
-        folder.fs.rm(folder.path(probe))
-    except Exception as e:  # noqa: BLE001 - any storage failure becomes one line; others re-raise
-        msg = explain(e, folder.url)
-        if msg is None:
-            raise
-        raise ConfigError(f"{role}: {msg}") from None

@@ -1,7 +1,9 @@
-"""The end-of-run summary printed by `negprep run`, built from the manifest alone."""
+"""What the command line prints: the end-of-run summary of `negprep run`, built from the manifest
+alone, and the input check of `negprep validate`."""
 
 from __future__ import annotations
 
+from negprep.config import Job
 from negprep.mining import REASONS
 
 
@@ -28,7 +30,7 @@ def format_summary(m: dict) -> str:
         where = f"{m['output']}/{m['rejected_input_file']}" if m.get("rejected_input_file") else "the work directory"
         lines.insert(2, f"  rejected input rows: {', '.join(f'{k} {_n(v)}' for k, v in why.items())} (in {where})")
     drops = [f"{r} {_n(c.get('dropped_' + r, 0))}" for r in REASONS if c.get("dropped_" + r)]
-    lines.append("  skipped by rule: " + (", ".join(drops) if drops else "none"))
+    lines.append("  dropped by rule: " + (", ".join(drops) if drops else "none"))
     lines.append(
         f"  queries short of {cfg['num_negatives']} negatives: {_n(c.get('queries_short', 0))} "
         f"(with no candidate left: {_n(c.get('queries_without_candidates', 0))}); "
@@ -36,7 +38,7 @@ def format_summary(m: dict) -> str:
     )
     head = f"  {'':16}" + "".join(f"{k:>9}" for k in ("min", "p05", "p25", "p50", "p75", "p95", "max"))
     lines.append(head)
-    labels = {"positive_scores": "positive", "kept_scores": "kept cand.", "rejected_scores": "rejected cand.",
+    labels = {"positive_scores": "positive", "kept_scores": "kept cand.", "dropped_scores": "dropped cand.",
               "negative_scores": "negative", "negative_ranks": "negative rank", "margins": "margin"}
     for name, q in m["scores"].items():
         if q:
@@ -59,4 +61,25 @@ def format_summary(m: dict) -> str:
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
     lines.append(f'  load: datasets.load_dataset("parquet", data_files="{m["output"]}/data/*.parquet", split="train")')
+    return "\n".join(lines)
+
+
+def format_check(source: str, job: Job, stats: dict[str, dict]) -> str:
+    """What `negprep validate` prints: per input rows read, used, not used and rejected, first problems."""
+    lines = [f"{source}: ok (on_bad_input: {job.on_bad_input})"]
+    for role, s in stats.items():
+        parts = [f"{s['rows_read']:,} rows read", f"{s['rows_used']:,} used"]
+        parts += [f"{v:,} not used ({k.removeprefix('rows_unused_')})" for k, v in s.items() if
+                  k.startswith("rows_unused_") and v]
+        if s["rows_rejected"]:
+            why = ", ".join(f"{k} {v:,}" for k, v in s["rejected"].items())
+            parts.append(f"{s['rows_rejected']:,} rejected ({why})")
+        lines.append(f"  {role}: {s['path']}: " + ", ".join(parts))
+        lines += [f"    {p}" for p in s["problems"]]
+    total = sum(s["rows_rejected"] for s in stats.values())
+    if total:
+        lines.append(
+            f"  {total:,} input row{'s' if total > 1 else ''} rejected; a run sets them aside in "
+            f"{job.output.rstrip('/')}/rejected/input.parquet"
+        )
     return "\n".join(lines)

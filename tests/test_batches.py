@@ -183,10 +183,11 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from negprep.config import parse_job
     from negprep.paths import Folder
     from negprep.schemas import schema
+    from negprep.shards import text_key
     from negprep.stages.batch import compose_plan, passage_id_columns, write_part
-    from negprep.stages.read import text_key
 
     texts = {f"p{i}": f"positive {i}" for i in range(8)} | {f"x{i}": f"other {i}" for i in range(8)}
     texts |= {"d0": "Shared  Passage", "d0copy": "shared passage", "d1": "another shared one"}
@@ -218,11 +219,13 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
     names = staged.ls(".parquet")
     ids = passage_id_columns("ntuple", 2)
     assert ids == ["positive_id", "negative_1_id", "negative_2_id"]
-    stats, plan = compose_plan((staged, names), (corpus, ["00000.parquet"]), (queries, ["00000.parquet"]), ids,
-                               2, 7, "keep", 2)
+    job = parse_job({"input": str(tmp_path), "output": str(tmp_path / "out"), "format": "ntuple", "num_negatives": 2,
+                     "batch_size": 2, "seed": 7, "partial_batches": "keep"})
+    staged_files = staged.files(names)
+    stats, plan = compose_plan(staged_files, corpus.files(["00000.parquet"]), queries.files(["00000.parquet"]), job)
     assert stats["rows"] == stats["rows_batched"] == 8 and stats["files"] == 2
     out = Folder(str(tmp_path / "out"))
-    written = [write_part((staged, names), plan, i, (out, f"train-{i:05d}-of-00002.parquet"), "ntuple", 2)
+    written = [write_part(staged_files, plan, i, out.file(f"train-{i:05d}-of-00002.parquet"), "ntuple", 2)
                for i in range(2)]
     assert sum(written) == 8
     table = pq.read_table(str(tmp_path / "out"))

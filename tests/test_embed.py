@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from negprep.embedding_pool import actor_layout
 from negprep.models import Encoder, EncoderSpec, encoder_specs, resolve_model
-from negprep.stages.embed import actor_layout
 
 from .conftest import shared_data
 
@@ -125,20 +125,20 @@ def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_p
         assert (ref * fp32).sum(1).min() > 0.9 and not np.array_equal(ref, fp32)
 
 
-def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
-    from negprep.config import EmbedConfig, GuideConfig
+def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path, tiny_bert, demo_data):
+    from negprep.config import parse_job
     from negprep.errors import ConfigError
-    from negprep.models import check_compile_settings, check_compiler
+    from negprep.models import check_compiler
+    from negprep.runner import check_job
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
     with pytest.raises(ConfigError, match="embed.compile: torch.compile needs a C\\+\\+ compiler"):
         check_compiler("embed.compile")
+    job = {"input": str(demo_data), "output": str(tmp_path / "out"), "model": str(tiny_bert)}
     with pytest.raises(ConfigError, match="guide.compile"):
-        check_compile_settings(SimpleNamespace(embed=EmbedConfig(), guide=GuideConfig(model="m", compile=True)))
-    check_compile_settings(SimpleNamespace(embed=EmbedConfig(), guide=None))  # nothing compiled, nothing needed
+        check_job(parse_job(job | {"guide": {"model": str(tiny_bert), "compile": True}}))
+    check_job(parse_job(job | {"guide": {"model": str(tiny_bert)}}))  # nothing compiled, nothing needed
     (tmp_path / "g++").write_text("#!/bin/sh\n")
     (tmp_path / "g++").chmod(0o755)
     check_compiler("embed.compile")

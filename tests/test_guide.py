@@ -11,7 +11,7 @@ from negprep.config import parse_job
 from negprep.mining import KEEP, REASONS, Rules, classify
 from negprep.runner import run_job
 from negprep.schemas import schema
-from negprep.stages.mine import mine_candidates, rejected_rows, rows_for_output
+from negprep.stages.mine import dropped_rows, mine_candidates, rows_for_output
 
 from .conftest import build_tiny_bert
 
@@ -73,8 +73,8 @@ def test_several_positives_use_the_lowest_guide_positive_and_duplicates_always_g
     assert counts["dropped_guide_absolute_margin"] == 1 and counts["dropped_duplicate_of_positive"] == 1
     assert cols["negative_guide_score"] == pytest.approx([0.55, 0.1] * 2)
     assert cols["positive_guide_score"] == pytest.approx([0.9, 0.9, 0.6, 0.6])
-    audit = rejected_rows(mined)
-    assert audit.schema.equals(schema("rejected_candidates"))
+    audit = dropped_rows(mined)
+    assert audit.schema.equals(schema("dropped_candidates"))
     assert sorted(zip(audit["candidate_id"].to_pylist(), audit["reason"].to_pylist(), strict=True)) == [
         ("a", "guide_absolute_margin"), ("dup", "duplicate_of_positive")]
 
@@ -82,7 +82,7 @@ def test_several_positives_use_the_lowest_guide_positive_and_duplicates_always_g
 def _job(tmp_path, data, model, guide, **kw):
     base = {"input": str(data), "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
             "model": str(model), "num_negatives": 3, "range_max": 20, "guide": guide,
-            "rejected": str(tmp_path / "rejected")}
+            "dropped": str(tmp_path / "dropped")}
     return parse_job({**base, **kw})
 
 
@@ -96,11 +96,11 @@ def _check(tmp_path, m, data_positives=None):
     for r in rows:
         low[r["query_id"]] = min(low.get(r["query_id"], 1e9), r["positive_guide_score"])
     assert all(r["negative_guide_score"] <= low[r["query_id"]] + 1e-6 for r in rows)
-    audit = pq.read_table(tmp_path / "rejected")
+    audit = pq.read_table(tmp_path / "dropped")
     c = m["counts"]
     assert audit.num_rows == sum(v for k, v in c.items() if k.startswith("dropped_"))
     assert c["kept"] + audit.num_rows == c["candidates"]
-    assert m["scores"]["kept_guide_scores"] and m["scores"]["rejected_guide_scores"]
+    assert m["scores"]["kept_guide_scores"] and m["scores"]["dropped_guide_scores"]
     return rows
 
 

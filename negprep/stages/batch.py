@@ -1,7 +1,7 @@
-"""Batch step: the mined rows of all query shards -> data files in training-batch order.
+"""Batch stage: the mined rows of all query shards -> data files in training-batch order.
 
-A global step after mine (TAS-Balanced). The mine tasks write their files to a staging folder in
-the work directory; then one Ray task reads only the id and cluster columns of every staged file,
+A global stage after mine, with `batch_size` (TAS-Balanced). The mine tasks write their files to a
+staging folder in the work directory; then one Ray task reads only the id and cluster columns of every staged file,
 looks up a key of each text (the corpus's `text_key`, a hash of the normalised query text), and
 composes the batch plan (`negprep.batches.compose`): integers only, handed to the next tasks
 through the object store. One Ray task per output file then takes its rows from the staged files,
@@ -16,10 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from negprep import batches
-from negprep.paths import Folder
+from negprep import batches, execution
+from negprep.config import Job
+from negprep.execution import Executor, Resources
+from negprep.paths import File, Files, Folder
 from negprep.schemas import conform, spec
-from negprep.stages.read import text_key
+from negprep.shards import text_key
+from negprep.stages.base import Run, Stage
 
 
 def passage_id_columns(fmt: str, n: int) -> list[str]:
@@ -29,18 +32,13 @@ def passage_id_columns(fmt: str, n: int) -> list[str]:
     ]
 
 
-def row_keys(
-    staged: tuple[Folder, list[str]],
-    corpus: tuple[Folder, list[str]],
-    queries: tuple[Folder, list[str]],
-    id_columns: list[str],
-) -> dict[str, np.ndarray]:
+def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]) -> dict[str, np.ndarray]:
     """Per staged row, in file order: file, row in file, cluster, query key and passage keys (n, m)."""
-    tables = [staged[0].read_parquet(name, columns=["query_id", "cluster_id", *id_columns]) for name in staged[1]]
+    tables = [f.read_parquet(columns=["query_id", "cluster_id", *id_columns]) for f in staged]
     t = pa.concat_tables(tables)
     pids = {d for c in id_columns for d in pc.unique(t.column(c)).to_pylist()}
-    pkey = corpus[0].lookup(corpus[1], pids, "text_key")
-    qtext = queries[0].lookup(queries[1], set(pc.unique(t.column("query_id")).to_pylist()), "text")
+    pkey = corpus.lookup(pids, "text_key")
+    qtext = queries.lookup(set(pc.unique(t.column("query_id")).to_pylist()), "text")
     qkey = {q: text_key(s) for q, s in qtext.items()}
     texts = np.array([[pkey[d] for d in t.column(c).to_pylist()] for c in id_columns], dtype=np.int64)
     return {
@@ -52,20 +50,13 @@ def row_keys(
     }
 
 
-def compose_plan(
-    staged: tuple[Folder, list[str]],
-    corpus: tuple[Folder, list[str]],
-    queries: tuple[Folder, list[str]],
-    id_columns: list[str],
-    batch_size: int,
-    seed: int,
-    partial: str,
-    files: int,
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """(stats, plan): the batch plan of all staged rows, cut into at most `files` output files."""
+def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job) -> tuple[dict, dict[str, np.ndarray]]:
+    """(stats, plan): the batch plan of all staged rows, cut into at most as many output files as
+    were staged (Ray task)."""
     t0 = time.perf_counter()
-    k = row_keys(staged, corpus, queries, id_columns)
-    plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, seed, partial)
+    batch_size, partial, files = job.batch_size, job.partial_batches, len(staged)
+    k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives))
+    plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial)
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
     cuts = batches.split_files(sizes, max(1, min(files, len(sizes))))
     stats = {
@@ -90,64 +81,59 @@ def _groups(table: pa.Table, fmt: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def write_part(
-    staged: tuple[Folder, list[str]],
-    plan: dict[str, np.ndarray],
-    part: int,
-    dst: tuple[Folder, str],
-    fmt: str,
-    n: int,
-) -> int:
-    """Write output file `part` of the plan: its rows taken from the staged files, plus batch_id."""
+def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File, fmt: str, n: int) -> int:
+    """Write output file `part` of the plan: its rows taken from the staged files, plus batch_id (Ray task)."""
     a, b = int(plan["cuts"][part]), int(plan["cuts"][part + 1])
     src, rows = plan["file"][a:b], plan["row"][a:b]
     pieces, where = [], []
     for f in np.unique(src):
         mask = src == f
-        pieces.append(staged[0].read_parquet(staged[1][f]).take(pa.array(rows[mask])))
+        pieces.append(staged.folder.read_parquet(staged.names[f]).take(pa.array(rows[mask])))
         where.append(np.flatnonzero(mask))
     if pieces:
         table = pa.concat_tables(pieces).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
     else:
-        table = staged[0].read_parquet(staged[1][0]).slice(0, 0)
+        table = staged.folder.read_parquet(staged.names[0]).slice(0, 0)
     table = table.append_column("batch_id", pa.array(plan["batch_id"][a:b], pa.int32()))
     groups = tuple(g for g in _groups(table, fmt) if g != "batches") + ("batches",)
-    dst[0].write_parquet(dst[1], conform(table, fmt, n=n, where=dst[0].uri(dst[1]), groups=groups))
+    dst.write_parquet(conform(table, fmt, n=n, where=dst.uri, groups=groups))
     return table.num_rows
 
 
-def run_batches(
-    staged: Folder,
-    data: Folder,
-    corpus: tuple[Folder, list[str]],
-    queries: tuple[Folder, list[str]],
-    fmt: str,
-    n: int,
-    batch_size: int,
-    seed: int,
-    partial: str,
-) -> dict:
+def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queries: Files, job: Job) -> dict:
     """Compose batches over every staged file, write the output data files, remove the staging folder.
 
     Returns the batch stats for the manifest (rows, batches, rows merged or dropped, ...).
     """
-    import ray
-
     names = staged.ls(".parquet")
     if not names:
         raise RuntimeError(f"{staged.url}: no mined files to compose batches from")
-    compose = ray.remote(compose_plan).options(num_cpus=1, num_returns=2, max_retries=2)
-    stats_ref, plan_ref = compose.remote(
-        (staged, names), corpus, queries, passage_id_columns(fmt, n), batch_size, seed, partial, len(names)
-    )
-    stats = ray.get(stats_ref)
+    files = staged.files(names)
+    res = Batch.RESOURCES
+    stats_ref, plan_ref = ex.submit(compose_plan, files, corpus, queries, job, res=res["plan"], returns=2)
+    stats = execution.get(stats_ref)
     parts = stats["files"]
-    task = ray.remote(write_part).options(num_cpus=1, max_retries=3)
-    written = ray.get(
-        [task.remote((staged, names), plan_ref, i, (data, f"train-{i:05d}-of-{parts:05d}.parquet"), fmt, n)
-         for i in range(parts)]
-    )
+    calls = [(files, plan_ref, i, data.file(f"train-{i:05d}-of-{parts:05d}.parquet"), job.format, job.num_negatives)
+             for i in range(parts)]
+    written = ex.map(write_part, calls, res["writer"], desc="batch")
     if sum(written) != stats["rows_batched"]:
-        raise RuntimeError(f"batch step wrote {sum(written)} rows, planned {stats['rows_batched']}")
+        raise RuntimeError(f"batch stage wrote {sum(written)} rows, planned {stats['rows_batched']}")
     staged.rm("", recursive=True)
     return stats
+
+
+class Batch(Stage):
+    """Rewrites the mined rows in topic-batch order. Its input, the mined rows, is new on every
+    run, so it has nothing to reuse."""
+
+    name = "batch"
+    RESOURCES = {"plan": Resources(cpus=1), "writer": Resources(cpus=1)}
+
+    def enabled(self, job: Job) -> bool:
+        return job.batch_size is not None
+
+    def resources(self, run: Run) -> dict[str, Resources]:
+        return self.RESOURCES
+
+    def run(self, run: Run, force: bool) -> None:
+        run.batch = run_batches(run.ex, run.mined, run.out.sub("data"), run.read.corpus, run.read.query_texts, run.job)

@@ -16,11 +16,15 @@ import math
 import time
 
 import numpy as np
-import pyarrow as pa
 
-from negprep.paths import Folder, stage_key
+from negprep import execution
+from negprep.config import Job
+from negprep.embeddings import embedding_table, load_embeddings
+from negprep.execution import Resources
+from negprep.paths import File, Files, stage_key
+from negprep.results import StageOutput
 from negprep.schemas import conform
-from negprep.stages.embed import load_embeddings
+from negprep.stages.base import Run, Stage
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +49,18 @@ def sample_rows(total: int, size: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(total, size=size, replace=False))
 
 
-def train_centroids(
-    query_emb: tuple[Folder, list[str]],
-    rows: list[int],
-    k: int,
-    sample: int,
-    seed: int,
-    iterations: int,
-    spherical: bool,
-    threads: int,
-    dst: tuple[Folder, str],
-) -> dict:
-    """Fit k centroids on a seeded sample of the query embedding shards; writes them to `dst`.
-
-    Only the sampled rows of each shard are kept in memory, one shard read at a time.
-    """
+def train_centroids(query_emb: Files, rows: list[int], k: int, job: Job, threads: int, dst: File) -> dict:
+    """Fit k centroids on a seeded sample (`cluster.sample`) of the query embedding files; writes
+    them to `dst` (Ray task). Only the sampled rows of each file are kept, one file read at a time."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
-    take = sample_rows(sum(rows), sample, seed)
+    sample = min(sum(rows), max(job.cluster.sample, k))  # k-means needs at least k points
+    take = sample_rows(sum(rows), sample, job.seed)
     parts, offset = [], 0
-    for name, n in zip(query_emb[1], rows, strict=True):
-        _, vec = load_embeddings(query_emb[0], name)
+    for f, n in zip(query_emb, rows, strict=True):
+        _, vec = load_embeddings(f)
         if take is not None:
             local = take[(take >= offset) & (take < offset + n)] - offset
             vec = vec[local]
@@ -78,91 +71,80 @@ def train_centroids(
     km = faiss.Kmeans(
         x.shape[1],
         k,
-        niter=iterations,
-        seed=seed % (2**31),
-        spherical=spherical,
+        niter=job.cluster.iterations,
+        seed=job.seed % (2**31),
+        spherical=job.embed.normalize,
         max_points_per_centroid=max(256, math.ceil(len(x) / k)),
         verbose=False,
     )
     km.train(x)
     cent = km.centroids.astype(np.float32)
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(cent.reshape(-1), pa.float32()), cent.shape[1])
-    table = pa.table({"id": [str(i) for i in range(k)], "embedding": emb.cast(pa.list_(pa.float32()))})
-    dst[0].write_parquet(dst[1], conform(table, "embeddings"))
+    dst.write_parquet(embedding_table([str(i) for i in range(k)], cent))
     return {"trained_on": len(x), "objective": float(km.obj[-1]) if len(km.obj) else None,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def assign_shard(query_emb: tuple[Folder, str], centroids: tuple[Folder, str], dst: tuple[Folder, str]) -> list[int]:
+def assign_shard(query_emb: File, centroids: File, dst: File) -> list[int]:
     """Nearest centroid (L2, the k-means objective) of every query of one shard; returns cluster sizes."""
     import faiss
+    import pyarrow as pa
 
     faiss.omp_set_num_threads(1)
-    qids, qvec = load_embeddings(*query_emb)
-    _, cent = load_embeddings(*centroids)
+    qids, qvec = load_embeddings(query_emb)
+    _, cent = load_embeddings(centroids)
     index = faiss.IndexFlatL2(cent.shape[1])
     index.add(np.ascontiguousarray(cent))
     labels = np.zeros(len(qids), dtype=np.int64)
     if len(qids):
         labels = index.search(np.ascontiguousarray(qvec), 1)[1][:, 0]
     table = pa.table({"query_id": qids, "cluster_id": labels.astype(np.int32)})
-    dst[0].write_parquet(dst[1], conform(table, "clusters"))
+    dst.write_parquet(conform(table, "clusters"))
     return np.bincount(labels, minlength=len(cent)).tolist()
 
 
-def _node_cpus() -> int:
-    """CPUs of the largest live node: a task asking for more would never be scheduled."""
-    import ray
+class Cluster(Stage):
+    """Train and assign, or reuse: the result is the clusters folder and its stats for the manifest.
+    The key covers the query embeddings, k, the sample and the k-means settings."""
 
-    return max((int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
+    name = "cluster"
 
+    def enabled(self, job: Job) -> bool:
+        return bool(job.clusters or job.batch_size)
 
-def run_cluster(
-    job, work: Folder, qdir: Folder, query_key: str, query_shards: list[dict], n_queries: int
-) -> tuple[Folder, dict]:
-    """Train and assign (or reuse); returns the clusters folder and its stats for the manifest.
+    def resources(self, run: Run) -> dict[str, Resources]:
+        threads = run.job.cluster.threads or execution.largest_node_cpus()
+        return {"train": Resources(cpus=threads), "assign": Resources(cpus=1)}
 
-    Args:
-        job: the Job (clusters, batch_size, seed, embed.normalize and the `cluster` section).
-        qdir: the query embeddings folder; shards are named `<digest>.parquet`.
-        query_key: the query encoder's key, so other embeddings give other clusters.
-    """
-    import ray
-
-    c = job.cluster
-    k = cluster_count(n_queries, job.clusters, job.batch_size)
-    sample = min(n_queries, max(c.sample, k))  # k-means needs at least k points
-    cdir = work.sub(
-        "clusters",
-        stage_key(query_key, [s["digest"] for s in query_shards], k, sample, job.seed, c.iterations,
-                  job.embed.normalize),
-    )
-    if cdir.exists("stats.json"):
-        return cdir, {**cdir.read_json("stats.json"), "reused": True}
-    threads = c.threads or _node_cpus()
-    emb = [f"{s['digest']}.parquet" for s in query_shards]
-    cent = (cdir, "centroids.parquet")
-    train = ray.remote(train_centroids).options(num_cpus=threads, max_retries=2)
-    rows = [s["rows"] for s in query_shards]
-    trained = ray.get(
-        train.remote((qdir, emb), rows, k, sample, job.seed, c.iterations, job.embed.normalize, threads, cent)
-    )
-    assign = ray.remote(assign_shard).options(num_cpus=1, max_retries=3)
-    per_shard = ray.get(
-        [assign.remote((qdir, e), cent, (cdir, s["name"])) for e, s in zip(emb, query_shards, strict=True)]
-    )
-    sizes = np.sum(np.array(per_shard, dtype=np.int64), axis=0) if per_shard else np.zeros(k, dtype=np.int64)
-    stats = {
-        "k": k,
-        "derived_k": job.clusters is None,
-        "trained_on": trained["trained_on"],
-        "iterations": c.iterations,
-        "objective": trained["objective"],
-        "sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
-        "empty_clusters": int((sizes == 0).sum()),
-        "queries": int(sizes.sum()),
-    }
-    log.info("clusters: k=%d sizes min %d median %.0f max %d", k, stats["sizes"]["min"], stats["sizes"]["median"],
-             stats["sizes"]["max"])
-    cdir.write_json("stats.json", stats)
-    return cdir, {**stats, "reused": False}
+    def run(self, run: Run, force: bool) -> None:
+        job, c, shards, queries = run.job, run.job.cluster, run.read.query_shards, run.embed.queries
+        k = cluster_count(run.read.queries, job.clusters, job.batch_size)
+        sample = min(run.read.queries, max(c.sample, k))
+        cdir = run.work.sub("clusters", stage_key(queries.spec.key(), [s.digest for s in shards], k, sample, job.seed,
+                                                  c.iterations, job.embed.normalize))
+        if force:
+            cdir.rm("", recursive=True)
+        if cdir.exists("stats.json"):
+            run.cluster = StageOutput(cdir, {**cdir.read_json("stats.json"), "reused": True})
+            return
+        res = self.resources(run)
+        threads = int(res["train"].cpus)
+        cent = cdir.file("centroids.parquet")
+        trained = run.ex.call(train_centroids, queries.files(shards), [s.rows for s in shards], k, job, threads, cent,
+                              res=res["train"])
+        per_shard = run.ex.map(assign_shard, [(queries.file(s), cent, cdir.file(s.name)) for s in shards],
+                               res["assign"], desc="cluster")
+        sizes = np.sum(np.array(per_shard, dtype=np.int64), axis=0) if per_shard else np.zeros(k, dtype=np.int64)
+        stats = {
+            "k": k,
+            "derived_k": job.clusters is None,
+            "trained_on": trained["trained_on"],
+            "iterations": c.iterations,
+            "objective": trained["objective"],
+            "sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+            "empty_clusters": int((sizes == 0).sum()),
+            "queries": int(sizes.sum()),
+        }
+        log.info("clusters: k=%d sizes min %d median %.0f max %d", k, stats["sizes"]["min"], stats["sizes"]["median"],
+                 stats["sizes"]["max"])
+        cdir.write_json("stats.json", stats)
+        run.cluster = StageOutput(cdir, {**stats, "reused": False})

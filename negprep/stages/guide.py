@@ -16,67 +16,66 @@ aligned with the candidates file, which the mine stage reads next to it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from negprep.models import encoder_specs, resolve_model
-from negprep.paths import Folder, stage_key
+from negprep.config import Job
+from negprep.embedding_pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
+from negprep.embeddings import load_embeddings
+from negprep.execution import Resources
+from negprep.models import check_compiler, encoder_specs, resolve_model
+from negprep.paths import File, Files, Folder, stage_key
+from negprep.results import Encoded, StageOutput
 from negprep.schemas import conform
-from negprep.stages.embed import load_embeddings
-from negprep.stages.read import shard_entry
+from negprep.shards import Shard, write_shards
+from negprep.stages.base import Run, Stage
 
 
-def _window(ids: list, range_min: int, range_max: int) -> list:
-    return ids[range_min:range_max]
+@dataclass(frozen=True)
+class Window:
+    """The candidate ranks [start, stop) a guide scores."""
+
+    start: int
+    stop: int
+
+    def of(self, ids: list) -> list:
+        return ids[self.start : self.stop]
+
+    def aligned(self, ids: list, scores: list[float]) -> list[float]:
+        """Guide scores aligned with all of `ids`: NaN outside the window."""
+        out = [float("nan")] * len(ids)
+        out[self.start : self.start + len(scores)] = scores
+        return out
 
 
-def needed_passages(
-    candidates: tuple[Folder, list[str]],
-    corpus: tuple[Folder, list[str]],
-    out: Folder,
-    range_min: int,
-    range_max: int,
-    shard_rows: int,
-) -> list[dict]:
-    """Write the passages a guide must score (window candidates and positives) as text shards."""
+def needed_passages(candidates: Files, corpus: Files, out: Folder, window: Window, shard_rows: int) -> list[dict]:
+    """Write the passages a guide must score (window candidates and positives) as text shards (Ray task)."""
     need: set[str] = set()
-    for name in candidates[1]:
-        t = candidates[0].read_parquet(name, columns=["candidate_ids", "positive_ids"])
+    for f in candidates:
+        t = f.read_parquet(columns=["candidate_ids", "positive_ids"])
         for cids, pids in zip(t.column("candidate_ids").to_pylist(), t.column("positive_ids").to_pylist(),
                               strict=True):
-            need.update(_window(cids, range_min, range_max))
+            need.update(window.of(cids))
             need.update(pids)
-    text = corpus[0].lookup(corpus[1], need, "text")
+    text = corpus.lookup(need, "text")
     # a stable order, so the shard digests (cache keys) are stable
     ordered = sorted(text)
     table = pa.table({"id": pa.array(ordered, pa.string()), "text": pa.array([text[d] for d in ordered], pa.string())})
-    shards = []
-    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
-        part = table.slice(start, shard_rows).combine_chunks()
-        name = f"{i:05d}.parquet"
-        out.write_parquet(name, part)
-        shards.append(shard_entry(name, part))
-    return shards
+    return [s.to_dict() for s in write_shards(out, table, shard_rows)]
 
 
-def biencoder_scores(
-    candidates: tuple[Folder, str],
-    query_emb: tuple[Folder, str],
-    passage_emb: tuple[Folder, list[str]],
-    dst: tuple[Folder, str],
-    range_min: int,
-    range_max: int,
-) -> dict:
-    """Inner products of the guide's query and passage embeddings for one query shard."""
+def biencoder_scores(candidates: File, query_emb: File, passage_emb: Files, dst: File, window: Window) -> dict:
+    """Inner products of the guide's query and passage embeddings for one query shard (Ray task)."""
     t0 = time.perf_counter()
-    cand = candidates[0].read_parquet(candidates[1])
-    qids, qvec = load_embeddings(*query_emb)
+    cand = candidates.read_parquet()
+    qids, qvec = load_embeddings(query_emb)
     qrow = {q: i for i, q in enumerate(qids)}
     ids: list[str] = []
     mats = []
-    for name in passage_emb[1]:
-        pids, pvec = load_embeddings(passage_emb[0], name)
+    for f in passage_emb:
+        pids, pvec = load_embeddings(f)
         ids += pids
         mats.append(pvec)
     prow = {d: i for i, d in enumerate(ids)}
@@ -93,13 +92,10 @@ def biencoder_scores(
     out = {"query_id": [], "candidate_guide_scores": [], "positive_guide_scores": []}
     for q, cids, pids in zip(cand.column("query_id").to_pylist(), cand.column("candidate_ids").to_pylist(),
                              cand.column("positive_ids").to_pylist(), strict=True):
-        window = _window(cids, range_min, range_max)
-        scores = [float("nan")] * len(cids)
-        scores[range_min : range_min + len(window)] = score(q, window)
         out["query_id"].append(q)
-        out["candidate_guide_scores"].append(scores)
+        out["candidate_guide_scores"].append(window.aligned(cids, score(q, window.of(cids))))
         out["positive_guide_scores"].append(score(q, pids))
-    dst[0].write_parquet(dst[1], conform(pa.table(out), "guide_scores"))
+    dst.write_parquet(conform(pa.table(out), "guide_scores"))
     return {"queries": cand.num_rows, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -107,15 +103,15 @@ class CrossEncoder:
     """A sequence-classification model scoring (query, passage) pairs; sigmoid of a single logit,
     or the probability of the last class for a multi-class head."""
 
-    def __init__(self, model: str, max_length: int, threads: int, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, max_length: int, threads: int, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model, trust_remote_code=trust_remote_code).eval()
+            model_dir, trust_remote_code=trust_remote_code).eval()
         self.max_length = max_length
 
     def score(self, queries: list[str], passages: list[str], batch_size: int = 32) -> np.ndarray:
@@ -133,110 +129,134 @@ class CrossEncoder:
         return out
 
 
+@dataclass(frozen=True)
+class CrossScoring:
+    """Where a cross-encoder actor reads and writes: candidates and guide scores per query shard."""
+
+    candidates: Folder
+    queries: Folder
+    corpus: Files
+    out: Folder
+    window: Window
+
+
 class ShardCrossScorer:
     """Ray actor: loads the cross-encoder once, scores one query shard per call."""
 
-    def __init__(self, model: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
-                 candidates: Folder, queries: Folder, corpus: tuple[Folder, list[str]], out: Folder,
-                 range_min: int, range_max: int):
-        self.ce = CrossEncoder(model, max_length, threads, trust_remote_code)
-        self.batch_size = batch_size
-        self.candidates, self.queries, self.corpus, self.out = candidates, queries, corpus, out
-        self.window = (range_min, range_max)
+    def __init__(self, model_dir: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
+                 where: CrossScoring):
+        self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code)
+        self.batch_size, self.where = batch_size, where
 
     def score_shard(self, name: str) -> str:
-        cross_encoder_shard(self.ce, self.batch_size, (self.candidates, name), (self.queries, name),
-                            self.corpus, (self.out, name), *self.window)
+        w = self.where
+        cross_encoder_shard(self.ce, self.batch_size, w.candidates.file(name), w.queries.file(name), w.corpus,
+                            w.out.file(name), w.window)
         return name
 
 
-def cross_encoder_shard(
-    ce: CrossEncoder,
-    batch_size: int,
-    candidates: tuple[Folder, str],
-    queries: tuple[Folder, str],
-    corpus: tuple[Folder, list[str]],
-    dst: tuple[Folder, str],
-    range_min: int,
-    range_max: int,
-) -> None:
-    cand = candidates[0].read_parquet(candidates[1])
-    qt = queries[0].read_parquet(queries[1], columns=["id", "text"])
+def cross_encoder_shard(ce: CrossEncoder, batch_size: int, candidates: File, queries: File, corpus: Files,  # noqa: PLR0913
+                        dst: File, window: Window) -> None:
+    """Score one query shard's window candidates and positives with the cross-encoder."""
+    cand = candidates.read_parquet()
+    qt = queries.read_parquet(columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     rows = list(zip(cand.column("query_id").to_pylist(), cand.column("candidate_ids").to_pylist(),
                     cand.column("positive_ids").to_pylist(), strict=True))
-    need = {d for _, cids, pids in rows for d in [*_window(cids, range_min, range_max), *pids]}
-    ptext = corpus[0].lookup(corpus[1], need, "text")
+    need = {d for _, cids, pids in rows for d in [*window.of(cids), *pids]}
+    ptext = corpus.lookup(need, "text")
     pq_, pp_ = [], []
     for q, cids, pids in rows:
-        for d in [*_window(cids, range_min, range_max), *pids]:
+        for d in [*window.of(cids), *pids]:
             pq_.append(qtext[q])
             pp_.append(ptext[d])
     flat = iter(ce.score(pq_, pp_, batch_size).tolist())
     out = {"query_id": [], "candidate_guide_scores": [], "positive_guide_scores": []}
     for q, cids, pids in rows:
-        window = _window(cids, range_min, range_max)
-        scores = [float("nan")] * len(cids)
-        scores[range_min : range_min + len(window)] = [next(flat) for _ in window]
         out["query_id"].append(q)
-        out["candidate_guide_scores"].append(scores)
+        out["candidate_guide_scores"].append(window.aligned(cids, [next(flat) for _ in window.of(cids)]))
         out["positive_guide_scores"].append([next(flat) for _ in pids])
-    dst[0].write_parquet(dst[1], conform(pa.table(out), "guide_scores"))
+    dst.write_parquet(conform(pa.table(out), "guide_scores"))
 
 
-def run_guide(job, cpus: int, work: Folder, rdir: Folder, read: dict, sdir: Folder) -> tuple[Folder, dict]:
+class Guide(Stage):
     """Score every query shard's window candidates and positives with the job's guide model.
 
-    Returns the folder of guide score files (one per query shard, named like the candidates) and
-    counts. Finished shard files are reused; the key covers the candidates and the guide settings.
+    Its result is the folder of guide score files (one per query shard, named like the candidates).
+    The key covers the candidates and the guide settings; finished shard files are reused, and so
+    are the guide's own caches (its passage shards, its embeddings, its ONNX export) unless forced.
     """
-    import ray
 
-    from negprep.stages.embed import EmbedPart, actor_layout, map_on_actors, run_embed
+    name = "guide"
 
-    g = job.guide
-    resolved = resolve_model(g.model)
-    pspec, qspec = encoder_specs(resolved, g, work)
-    window = (job.range_min, job.range_max)
-    gdir = work.sub("guide", stage_key(sdir.url, g.type, pspec.key(), qspec.key(), window))
-    shards = read["query_shards"]
-    todo = [s["name"] for s in shards if s["name"] not in set(gdir.ls(".parquet"))]
-    stats: dict = {"model": g.model, "type": g.type, "folder": gdir.url, "query_shards": len(shards),
-                   "reused": len(shards) - len(todo)}
-    corpus = (rdir.sub("corpus"), [c["name"] for c in read["corpus_shards"]])
-    if not todo:
-        return gdir, stats
-    if g.type == "crossencoder":
-        actors, threads = actor_layout(cpus, [1] * len(todo), g.actors, g.threads_per_actor)
-        # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
-        rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
-        args = (resolved, g.max_length, threads, rows, g.trust_remote_code, sdir, rdir.sub("queries"), corpus, gdir,
-                *window)
-        list(map_on_actors(ShardCrossScorer, args, actors, threads, job.ray.retries,
-                           lambda a, n: a.score_shard.remote(n), todo))
-        return gdir, stats
+    def enabled(self, job: Job) -> bool:
+        return job.guide is not None
 
-    # bi-encoder: reuse whole-corpus embeddings with this model if they exist, else embed the subset
-    pcache, qcache = work.sub("embeddings", pspec.key()), work.sub("embeddings", qspec.key())
-    cached = set(pcache.ls(".parquet"))
-    if all(f"{c['digest']}.parquet" in cached for c in read["corpus_shards"]):
-        texts, pshards = rdir.sub("corpus"), read["corpus_shards"]
-        stats["passages"] = "whole corpus (cached)"
-    else:
-        texts = work.sub("guide-texts", stage_key(sdir.url, window))
-        if texts.exists("shards.json"):
-            pshards = texts.read_json("shards.json")
-        else:
-            task = ray.remote(needed_passages).options(num_cpus=1, max_retries=2)
-            pshards = ray.get(task.remote((sdir, [s["name"] for s in shards]), corpus, texts, *window,
-                                          job.read.shard_rows))
-            texts.write_json("shards.json", pshards)
-        stats["passages"] = sum(s["rows"] for s in pshards)
-    stats["embed"] = run_embed([EmbedPart("passages", pspec, texts, pshards, pcache),
-                                EmbedPart("queries", qspec, rdir.sub("queries"), shards, qcache)], cpus, g)
-    task = ray.remote(biencoder_scores).options(num_cpus=1, max_retries=3)
-    pnames = [f"{s['digest']}.parquet" for s in pshards]
-    qdigest = {s["name"]: s["digest"] for s in shards}
-    ray.get([task.remote((sdir, n), (qcache, f"{qdigest[n]}.parquet"), (pcache, pnames), (gdir, n), *window)
-             for n in todo])
-    return gdir, stats
+    def check(self, job: Job) -> None:
+        resolve_model(job.guide.model)  # bi- or cross-encoder: a misspelt name is one line before Ray
+        if job.guide.compile:
+            check_compiler("guide.compile")
+
+    def resources(self, run: Run) -> dict[str, Resources]:
+        g, shards = run.job.guide, run.read.query_shards
+        if g.type == "crossencoder":
+            _, threads = actor_layout(run.cpus, [1] * len(shards), g.actors, g.threads_per_actor)
+            return {"cross_encoder": Resources(cpus=threads)}
+        _, threads = actor_layout(run.cpus, [s.work for s in shards], g.actors, g.threads_per_actor)
+        return {"embedder": embedder(threads), "passages": Resources(cpus=1), "scores": Resources(cpus=1)}
+
+    def run(self, run: Run, force: bool) -> None:
+        job, g, read, work = run.job, run.job.guide, run.read, run.work
+        pspec, qspec = encoder_specs(resolve_model(g.model), g, work)
+        window = Window(job.range_min, job.range_max)
+        sdir = run.search.folder
+        gdir = work.sub("guide", stage_key(sdir.url, g.type, pspec.key(), qspec.key(), (window.start, window.stop)))
+        if force:
+            gdir.rm("", recursive=True)
+        done = set(gdir.ls(".parquet"))
+        todo = [s.name for s in read.query_shards if s.name not in done]
+        stats: dict = {"model": g.model, "type": g.type, "folder": gdir.url, "query_shards": len(read.query_shards),
+                       "reused": len(read.query_shards) - len(todo)}
+        run.guide = StageOutput(gdir, stats)
+        if not todo:
+            return
+        res = self.resources(run)
+        if g.type == "crossencoder":
+            actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
+            # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
+            rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
+            where = CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window)
+            run.ex.map_actors(ShardCrossScorer, (pspec.model, g.max_length, threads, rows, g.trust_remote_code, where),
+                              actors, Resources(cpus=threads), lambda a, n: a.score_shard.remote(n), todo, desc="guide")
+            return
+        passages = Encoded(pspec, work.sub("embeddings", pspec.key()))
+        queries = Encoded(qspec, work.sub("embeddings", qspec.key()))
+        if (seconds := ensure_exports([passages], force)) is not None:
+            run.timings["export"] = round(run.timings.get("export", 0.0) + seconds, 3)
+        texts, pshards = self._passages(run, passages, window, force, res["passages"])
+        whole = pshards == read.corpus_shards
+        stats["passages"] = "whole corpus (cached)" if whole else sum(s.rows for s in pshards)
+        stats["embed"] = embed_parts(run.ex, run.cpus, [EmbedPart("passages", texts, pshards, passages),
+                                                        EmbedPart("queries", read.query_texts.folder,
+                                                                  read.query_shards, queries)], g, force)
+        qfile = {s.name: queries.file(s) for s in read.query_shards}
+        run.ex.map(biencoder_scores, [(sdir.file(n), qfile[n], passages.files(pshards), gdir.file(n), window)
+                                      for n in todo], res["scores"], desc="guide")
+
+    def _passages(self, run: Run, passages: Encoded, window: Window, force: bool,
+                  res: Resources) -> tuple[Folder, tuple[Shard, ...]]:
+        """The text shards a bi-encoder guide embeds: the whole corpus when it is already embedded
+        with the guide (the guide is the mining model, or an earlier job did it), else only the
+        passages that appear as window candidates or positives, written as shards of their own."""
+        read = run.read
+        cached = set(passages.folder.ls(".parquet"))
+        if not force and all(s.embedding in cached for s in read.corpus_shards):
+            return read.corpus.folder, read.corpus_shards
+        texts = run.work.sub("guide-texts", stage_key(run.search.folder.url, (window.start, window.stop)))
+        if force:
+            texts.rm("", recursive=True)
+        if not texts.exists("shards.json"):
+            shards = run.ex.call(needed_passages, run.search.folder.files([s.name for s in read.query_shards]),
+                                 read.corpus, texts, window, run.job.read.shard_rows, res=res)
+            texts.write_json("shards.json", shards)
+        return texts, tuple(map(Shard.from_dict, texts.read_json("shards.json")))

@@ -1,23 +1,78 @@
 """Mine stage: candidates -> negatives -> output rows with texts, one Ray task per query shard.
 
-Applies the rules of `negprep.mining` to a query shard's candidates, joins the texts (queries from
-the shard, passages looked up by id in the corpus shards), checks the rows against the output
-contract in schemas/ and writes one data file. Returns the counts and a bounded sample of scores
-for the manifest; the driver never sees text.
+Applies the rules of `negprep.mining` to a query shard's candidates (and its guide scores),
+joins the texts (queries from the shard, passages looked up by id in the corpus shards), checks
+the rows against the output contract in schemas/ and writes one data file; with `dropped`, also
+every dropped candidate with its rule (schemas/dropped_candidates.yaml). Returns the counts and a
+bounded sample of scores for the manifest; the driver never sees text.
+
+It writes the output (or, with `batch_size`, a staging folder the batch stage reorders), so it
+runs on every run: its input, the candidates, is what the earlier stages cache.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from negprep import mining
-from negprep.paths import Folder
-from negprep.schemas import conform
+from negprep.config import Job
+from negprep.execution import Resources
+from negprep.output import prepare_output
+from negprep.paths import File, Files, Folder, stage_key
+from negprep.results import MineResult
+from negprep.schemas import conform, schema
+from negprep.stages.base import Run, Stage
 
 SAMPLE = 100_000  # scores per shard kept for the manifest's quantiles
+
+
+def rules(job: Job) -> mining.Rules:
+    """The mining rules of a job: its top-level keys and its guide's margins."""
+    g = job.guide
+    return mining.Rules(
+        num_negatives=job.num_negatives,
+        range_min=job.range_min,
+        range_max=job.range_max,
+        relative_margin=job.relative_margin,
+        absolute_margin=job.absolute_margin,
+        max_score=job.max_score,
+        min_score=job.min_score,
+        sampling=job.sampling,
+        seed=job.seed,
+        margin_bins=job.margin_bins,
+        guide_relative_margin=g.relative_margin if g else None,
+        guide_absolute_margin=g.absolute_margin if g else None,
+        guide_max_score=g.max_score if g else None,
+    )
+
+
+@dataclass
+class Pairs:
+    """One row per (query, positive) pair of a shard."""
+
+    q: np.ndarray  # the pair's query row
+    pid: list[str]  # the positive's id
+    pscore: np.ndarray  # the positive's score under the mining model
+    pguide: np.ndarray | None  # ... and under the guide
+    picked: np.ndarray  # (pairs, num_negatives) chosen candidate ranks, -1 where short
+
+
+@dataclass
+class Mined:
+    """The mining of one shard: its pairs, and per query its candidates, scores and rule codes."""
+
+    pairs: Pairs
+    qids: list[str]
+    cids: list[list[str]]
+    scores: np.ndarray  # (queries, K) mining-model scores, NaN padded
+    guide: np.ndarray | None  # (queries, K) guide scores
+    code: np.ndarray  # (queries, K) mining.KEEP, a drop reason code, or mining.OUTSIDE
+    ref: np.ndarray  # per query, its lowest positive score (the margins' reference)
+    gref: np.ndarray | None  # ... under the guide
 
 
 def mine_candidates(
@@ -25,7 +80,7 @@ def mine_candidates(
     rules: mining.Rules,
     guide: pa.Table | None = None,
     text_keys: dict[str, int] | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[Mined, dict]:
     """Pure part of the stage: a candidates table -> chosen negatives per (query, positive) pair.
 
     Args:
@@ -91,53 +146,49 @@ def mine_candidates(
         pairs_short=int((got < rules.num_negatives).sum()),
         negatives=int(got.sum()),
     )
-    pairs = {"q": q_of_pair, "pid": pair_pid, "pscore": pair_pscore, "pguide": pair_pguide, "picked": picked}
-    mined = {"pairs": pairs, "qids": qids, "cids": cids, "scores": scores, "guide": gscores, "code": code,
-             "ref": ref, "gref": gref}
-    return mined, counts
+    pairs = Pairs(q_of_pair, pair_pid, pair_pscore, pair_pguide, picked)
+    return Mined(pairs, qids, cids, scores, gscores, code, ref, gref), counts
 
 
-def rejected_rows(mined: dict) -> pa.Table:
+def dropped_rows(mined: Mined) -> pa.Table:
     """The audit table: every window candidate a rule dropped, with the rule and both models' scores."""
-    from negprep.schemas import schema
-
-    code = mined["code"]
+    code = mined.code
     rows, cols = np.nonzero(code > mining.KEEP)
-    g, gref = mined["guide"], mined["gref"]
+    g, gref = mined.guide, mined.gref
     table = {
-        "query_id": [mined["qids"][r] for r in rows],
-        "candidate_id": [mined["cids"][r][c] for r, c in zip(rows, cols, strict=True)],
+        "query_id": [mined.qids[r] for r in rows],
+        "candidate_id": [mined.cids[r][c] for r, c in zip(rows, cols, strict=True)],
         "candidate_rank": cols.astype(np.int32),
         "reason": [mining.REASONS[code[r, c] - 1] for r, c in zip(rows, cols, strict=True)],
-        "score": mined["scores"][rows, cols].astype(np.float32),
-        "positive_score": mined["ref"][rows].astype(np.float32),
+        "score": mined.scores[rows, cols].astype(np.float32),
+        "positive_score": mined.ref[rows].astype(np.float32),
         "guide_score": pa.nulls(len(rows), pa.float32()) if g is None else g[rows, cols].astype(np.float32),
         "positive_guide_score": pa.nulls(len(rows), pa.float32()) if g is None else gref[rows].astype(np.float32),
     }
-    return pa.table(table, schema=schema("rejected_candidates"))
+    return pa.table(table, schema=schema("dropped_candidates"))
 
 
-def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
+def rows_for_output(mined: Mined, fmt: str, n: int) -> dict[str, list]:
     """Output columns (ids, scores, ranks; texts filled later) for `triplet` or `ntuple`."""
-    p = mined["pairs"]
-    qids, cids, scores, guide = mined["qids"], mined["cids"], mined["scores"], mined["guide"]
+    p = mined.pairs
+    qids, cids, scores, guide = mined.qids, mined.cids, mined.scores, mined.guide
     with_guide = guide is not None
     if fmt == "triplet":
         names = ["query_id", "positive_id", "negative_id", "positive_score", "negative_score", "negative_rank"]
         cols: dict[str, list] = {c: [] for c in names + (["positive_guide_score", "negative_guide_score"]
                                                          if with_guide else [])}
-        for row, q in enumerate(p["q"]):
-            for j in p["picked"][row]:
+        for row, q in enumerate(p.q):
+            for j in p.picked[row]:
                 if j < 0:
                     continue
                 cols["query_id"].append(qids[q])
-                cols["positive_id"].append(p["pid"][row])
+                cols["positive_id"].append(p.pid[row])
                 cols["negative_id"].append(cids[q][j])
-                cols["positive_score"].append(p["pscore"][row])
+                cols["positive_score"].append(p.pscore[row])
                 cols["negative_score"].append(scores[q, j])
                 cols["negative_rank"].append(int(j))
                 if with_guide:
-                    cols["positive_guide_score"].append(p["pguide"][row])
+                    cols["positive_guide_score"].append(p.pguide[row])
                     cols["negative_guide_score"].append(guide[q, j])
         return cols
     cols = {"query_id": [], "positive_id": [], "positive_score": []}
@@ -147,15 +198,15 @@ def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
         cols |= {f"negative_{i}_id": [], f"negative_{i}_score": [], f"negative_{i}_rank": []}
         if with_guide:
             cols[f"negative_{i}_guide_score"] = []
-    for row, q in enumerate(p["q"]):
-        picked = p["picked"][row]
+    for row, q in enumerate(p.q):
+        picked = p.picked[row]
         if (picked < 0).any():
             continue  # an n-tuple needs all n negatives; the pair is counted in pairs_short
         cols["query_id"].append(qids[q])
-        cols["positive_id"].append(p["pid"][row])
-        cols["positive_score"].append(p["pscore"][row])
+        cols["positive_id"].append(p.pid[row])
+        cols["positive_score"].append(p.pscore[row])
         if with_guide:
-            cols["positive_guide_score"].append(p["pguide"][row])
+            cols["positive_guide_score"].append(p.pguide[row])
         for i, j in enumerate(picked, 1):
             cols[f"negative_{i}_id"].append(cids[q][j])
             cols[f"negative_{i}_score"].append(scores[q, j])
@@ -165,89 +216,121 @@ def rows_for_output(mined: dict, fmt: str, n: int) -> dict[str, list]:
     return cols
 
 
-def mine_shard(
-    candidates: tuple[Folder, str],
-    queries: tuple[Folder, str],
-    corpus: tuple[Folder, list[str]],
-    dst: tuple[Folder, str],
-    rules: mining.Rules,
-    fmt: str,
-    guide: tuple[Folder, str] | None = None,
-    rejected: tuple[Folder, str] | None = None,
-    clusters: tuple[Folder, str] | None = None,
-) -> dict:
-    """Mine one query shard and write its output data file (and its audit file when `rejected`).
+@dataclass(frozen=True)
+class MineTask:
+    """One query shard's files: what the mine task reads and where it writes."""
 
-    `clusters`: the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`.
-    Returns the counts and bounded samples of scores for the manifest.
-    """
+    candidates: File
+    queries: File
+    corpus: Files
+    dst: File
+    rules: mining.Rules
+    fmt: str
+    guide: File | None = None  # the shard's guide scores (schemas/guide_scores.yaml)
+    dropped: File | None = None  # the audit of dropped candidates
+    clusters: File | None = None  # the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`
+
+
+def mine_shard(task: MineTask) -> MineResult:
+    """Mine one query shard and write its output data file (and its audit file with `dropped`), as
+    a Ray task. Returns the counts and bounded samples of scores for the manifest."""
     t0 = time.perf_counter()
-    cand = candidates[0].read_parquet(candidates[1])
-    gtable = guide[0].read_parquet(guide[1]) if guide else None
+    rules = task.rules
+    cand = task.candidates.read_parquet()
+    gtable = task.guide.read_parquet() if task.guide else None
     window_ids = {d for c in cand.column("candidate_ids").to_pylist() for d in c[rules.range_min : rules.range_max]}
     pos_ids = {d for p in cand.column("positive_ids").to_pylist() for d in p}
-    keys = corpus[0].lookup(corpus[1], window_ids | pos_ids, "text_key")
+    keys = task.corpus.lookup(window_ids | pos_ids, "text_key")
     mined, counts = mine_candidates(cand, rules, gtable, keys)
-    cols = rows_for_output(mined, fmt, rules.num_negatives)
+    cols = rows_for_output(mined, task.fmt, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
-    passages = corpus[0].lookup(corpus[1], {d for c in id_cols for d in cols[c]}, "text")
-    qt = queries[0].read_parquet(queries[1], columns=["id", "text"])
+    passages = task.corpus.lookup({d for c in id_cols for d in cols[c]}, "text")
+    qt = task.queries.read_parquet(columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     cols["query"] = [qtext[q] for q in cols["query_id"]]
     for c in id_cols:
         cols[c.removesuffix("_id")] = [passages[d] for d in cols[c]]
     groups = ("guide",) if gtable is not None else ()
-    if clusters:
-        ct = clusters[0].read_parquet(clusters[1])
+    if task.clusters:
+        ct = task.clusters.read_parquet()
         cid = dict(zip(ct.column("query_id").to_pylist(), ct.column("cluster_id").to_pylist(), strict=True))
         cols["cluster_id"] = [cid[q] for q in cols["query_id"]]
         groups += ("clusters",)
-    table = conform(pa.table(cols), fmt, n=rules.num_negatives, where=dst[0].uri(dst[1]), groups=groups)
-    dst[0].write_parquet(dst[1], table)
-    if rejected:
-        rejected[0].write_parquet(rejected[1], rejected_rows(mined))
+    table = conform(pa.table(cols), task.fmt, n=rules.num_negatives, where=task.dst.uri, groups=groups)
+    task.dst.write_parquet(table)
+    if task.dropped:
+        task.dropped.write_parquet(dropped_rows(mined))
     counts["rows"] = table.num_rows
     counts["seconds"] = round(time.perf_counter() - t0, 3)
-    return {"counts": counts, "sample": score_samples(mined), "distributions": count_distributions(mined)}
+    return MineResult(counts, score_samples(mined), count_distributions(mined))
 
 
-def count_distributions(mined: dict) -> dict[str, list[int]]:
+def count_distributions(mined: Mined) -> dict[str, list[int]]:
     """Exact counts for the report, indexed by value: negatives chosen per (query, positive) pair and
     candidates kept per query. Small (num_negatives + 1 and range_max + 1 entries); the driver sums them."""
-    got = (mined["pairs"]["picked"] >= 0).sum(axis=1)
-    kept = (mined["code"] == mining.KEEP).sum(axis=1)
+    got = (mined.pairs.picked >= 0).sum(axis=1)
+    kept = (mined.code == mining.KEEP).sum(axis=1)
     return {
-        "negatives_per_pair": np.bincount(got, minlength=mined["pairs"]["picked"].shape[1] + 1).tolist(),
-        "kept_per_query": np.bincount(kept, minlength=mined["code"].shape[1] + 1).tolist(),
+        "negatives_per_pair": np.bincount(got, minlength=mined.pairs.picked.shape[1] + 1).tolist(),
+        "kept_per_query": np.bincount(kept, minlength=mined.code.shape[1] + 1).tolist(),
     }
 
 
-def score_samples(mined: dict) -> dict[str, np.ndarray]:
+def score_samples(mined: Mined) -> dict[str, np.ndarray]:
     """Bounded random samples of the score distributions the manifest and report describe."""
     rng = np.random.default_rng(0)
-    p, code = mined["pairs"], mined["code"]
-    picked = p["picked"]
+    p, code, scores = mined.pairs, mined.code, mined.scores
+    picked = p.picked
     rows, cols = np.nonzero(picked >= 0)
-    qrow = p["q"][rows]
+    qrow = p.q[rows]
     ranks = picked[rows, cols]
     kept, dropped = code == mining.KEEP, code > mining.KEEP
     sample = {
-        "positive_scores": p["pscore"],
-        "negative_scores": mined["scores"][qrow, ranks],
+        "positive_scores": p.pscore,
+        "negative_scores": scores[qrow, ranks],
         "negative_ranks": ranks,
-        "margins": p["pscore"][rows] - mined["scores"][qrow, ranks],  # pair positive minus chosen negative
-        "kept_scores": mined["scores"][kept],
-        "rejected_scores": mined["scores"][dropped],
+        "margins": p.pscore[rows] - scores[qrow, ranks],  # pair positive minus chosen negative
+        "kept_scores": scores[kept],
+        "dropped_scores": scores[dropped],
     }
-    if mined["guide"] is not None:
-        g = mined["guide"]
+    if mined.guide is not None:
+        g = mined.guide
         sample |= {
-            "positive_guide_scores": p["pguide"],
+            "positive_guide_scores": p.pguide,
             "negative_guide_scores": g[qrow, ranks],
             "kept_guide_scores": g[kept],
-            "rejected_guide_scores": g[dropped],
+            "dropped_guide_scores": g[dropped],
         }
     for key, arr in sample.items():
         arr = np.asarray(arr, dtype=np.int32 if key == "negative_ranks" else np.float32)
         sample[key] = rng.choice(arr, SAMPLE, replace=False) if len(arr) > SAMPLE else arr
     return sample
+
+
+class Mine(Stage):
+    name = "mine"
+
+    def resources(self, run: Run) -> dict[str, Resources]:
+        return {"miner": Resources(cpus=1)}
+
+    def run(self, run: Run, force: bool) -> None:
+        job, read = run.job, run.read
+        prepare_output(run.out, run.overwrite)
+        audit = Folder(job.dropped, job.storage) if job.dropped else None
+        if audit:
+            audit.rm("", recursive=True)
+        # with batch_size the mined files are staged, then rewritten in batch order by the batch stage
+        dst = run.work.sub("unbatched", stage_key(job.output)) if job.batch_size else run.out.sub("data")
+        if job.batch_size:
+            dst.rm("", recursive=True)
+        n, r = len(read.query_shards), rules(job)
+        tasks = [
+            (MineTask(run.search.file(s), read.query_texts.folder.file(s.name), read.corpus,
+                      dst.file(f"train-{i:05d}-of-{n:05d}.parquet"), r, job.format,
+                      guide=run.guide.file(s) if run.guide else None,
+                      dropped=audit.file(f"part-{i:05d}.parquet") if audit else None,
+                      clusters=run.cluster.file(s) if run.cluster else None),)
+            for i, s in enumerate(read.query_shards)
+        ]
+        run.mine = MineResult.merge(run.ex.map(mine_shard, tasks, self.resources(run)["miner"], desc="mine"))
+        run.mined = dst

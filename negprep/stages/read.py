@@ -1,553 +1,74 @@
 """Read stage: inputs (BEIR directory, separate tables, or a pairs table) -> normalised shards.
 
-Runs inside a Ray task, so passage text never passes through the driver. Writes under
-`work/input/<key>/`: `corpus/NNNNN.parquet` and `queries/NNNNN.parquet` shards (contracts in
-schemas/), `qrels.parquet` (positives of the split), `rejected.parquet` (every row not used, with
-its reason, line and a message; schemas/rejected_input.yaml) and `stats.json` (per input: rows
-read = used + unused + rejected by reason).
-
-Every input is checked against its contract before anything expensive runs: columns present and
-of the right type, ids present and unique, texts non-empty and not absurdly long, qrels naming
-known queries and passages, and each line parseable. The job's `on_bad_input` decides what a
-problem does: `strict` stops with one line naming the file, line and problem; `lenient` sets the
-row aside with its reason and goes on.
+One Ray task reads and checks every input (negprep.checks), so passage text never passes through
+the driver. It writes under `input/<key>/`: `corpus/NNNNN.parquet` and `queries/NNNNN.parquet`
+shards (negprep.shards; contracts in schemas/), `qrels.parquet` (positives of the split),
+`rejected.parquet` (every input row not used, with its reason, line and a message;
+schemas/rejected_input.yaml) and `stats.json` (per input: rows read = used + unused + rejected by
+reason, and the shards), then `_SUCCESS`. The key covers the inputs' sizes and stamps and the read
+settings.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
-import logging
-import re
-from collections import Counter
-from typing import Any
-
-import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from negprep.config import Job, PairsInput, TablesInput
-from negprep.errors import InputError
-from negprep.paths import Folder, locate
+from negprep.checks import normalise
+from negprep.config import Job
+from negprep.execution import Resources
+from negprep.inputs import fingerprints, input_files
+from negprep.paths import Folder, stage_key
+from negprep.results import ReadResult
 from negprep.schemas import conform
-from negprep.storage import explain, redact
-from negprep.tables import LINE, NOT_UTF8, PREFIX, RawTable, load_table, table_format
-
-log = logging.getLogger(__name__)
-
-_ID = ("_id", "id", "doc_id", "docid", "corpus_id", "query_id", "qid")
-_QREL_Q = ("query-id", "query_id", "qid")
-_QREL_D = ("corpus-id", "corpus_id", "doc_id", "docid", "pid")
-
-
-def input_files(job: Job) -> dict[str, str]:
-    """The files a job reads, by role (URL strings)."""
-    spec = job.input
-    if isinstance(spec, TablesInput):
-        return {"corpus": spec.corpus, "queries": spec.queries, "qrels": spec.qrels}
-    if isinstance(spec, PairsInput):
-        return {"pairs": spec.pairs}
-    base = spec.rstrip("/")
-    return {
-        "corpus": f"{base}/corpus.jsonl",
-        "queries": f"{base}/queries.jsonl",
-        "qrels": f"{base}/qrels/{job.split}.tsv",
-    }
-
-
-def fingerprints(files: dict[str, str], storage_options: dict | None = None) -> dict[str, dict]:
-    """Cheap identity of each input (size and modification time or ETag); checks they exist and
-    have a known table format, so these mistakes stop the job before Ray starts."""
-    out = {}
-    for role, url in files.items():
-        table_format(url)
-        folder, name = locate(url, storage_options)
-        try:
-            info = folder.fs.info(folder.path(name))
-        except FileNotFoundError:
-            raise InputError(f"{url}: {role} file not found") from None
-        except PermissionError as e:
-            raise InputError(f"{url}: cannot read {role} file: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a storage failure (endpoint, credentials) becomes one line
-            if (msg := explain(e, url)) is None:
-                raise
-            raise InputError(f"{role}: {msg}") from None
-        if info.get("type") == "directory":
-            raise InputError(f"{url}: {role} is a directory, expected a file")
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
-        out[role] = {"path": url, "size": int(info.get("size") or 0), "stamp": str(stamp)}
-    return out
-
+from negprep.shards import text_key, write_shards
+from negprep.stages.base import Run, Stage
+from negprep.storage import redact
+from negprep.tables import load_table
 
 FORMAT = 3  # bump when the normalised tables change shape, so old work directories are not reused
 
 
 def read_key(job: Job, fps: dict[str, dict]) -> str:
-    ident = [
-        FORMAT,
-        job.input if isinstance(job.input, str) else job.input.model_dump(),
-        job.split,
-        job.read.model_dump(),
-        job.on_bad_input,
-        {r: (f["size"], f["stamp"]) for r, f in fps.items()},
-    ]
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What the normalised tables depend on: the input files (size, stamp) and the read settings."""
+    spec = job.input if isinstance(job.input, str) else job.input.model_dump()
+    files = {r: (f["size"], f["stamp"]) for r, f in fps.items()}
+    return stage_key(FORMAT, spec, job.split, job.read.model_dump(), job.on_bad_input, files)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation and normalisation
-#
-# Every check rejects rows with a reason, the row's line and a message; nothing is decided here
-# about stopping. `normalise` then applies the job's on_bad_input policy: strict raises the first
-# problem as one line, lenient returns the rejected rows for rejected.parquet.
-
-#: why an input row can be rejected (schemas/rejected_input.yaml)
-REASONS = (
-    "malformed_json",
-    "not_utf8",
-    "csv_error",
-    "wrong_type",
-    "missing_id",
-    "empty_text",
-    "text_too_long",
-    "duplicate_id",
-    "duplicate_judgment",
-    "duplicate_pair",
-    "score_not_a_number",
-    "unknown_query_id",
-    "unknown_doc_id",
-    "rejected_query_id",
-    "rejected_doc_id",
-)
-_TEXT_CORPUS = ("text", "passage", "contents", "body")
-_TEXT_QUERY = ("text", "query", "question")
-_SCORE = ("score", "relevance", "label")
-# value types accepted besides strings: (JSON value types, Parquet column types); ids may be numbers
-_ID_TYPES = ({"a number"}, {"integer"})
-_SCORE_TYPES = ({"a number"}, {"integer", "float"})
-_TEXT_TYPES: tuple[set[str], set[str]] = (set(), set())
-# normalised columns, prefixed so they never overwrite an input column shown in a rejected row
-_C_ID, _C_TEXT, _C_Q, _C_D, _C_SCORE, _C_REF, _C_WHY, _C_WHERE, _C_FIRST = (
-    f"{PREFIX}{c}__" for c in ("id", "text", "q", "d", "score", "ref", "why", "where", "first")
-)
-_REJECTED_SCHEMA = {"line": pl.Int64, "reason": pl.String, "detail": pl.String, "row": pl.String}
-
-
-def _blank(col: str) -> pl.Expr:
-    return pl.col(col).str.strip_chars().str.len_chars() == 0
-
-
-class _Rows:
-    """One input's rows on their way through the checks; rejects keep reason, line and message."""
-
-    def __init__(self, role: str, table: RawTable):
-        self.role, self.t = role, table
-        self.name = table.url
-        self.rejected: list[pl.DataFrame] = []
-        if table.problems:
-            p = table.problems
-            self.rejected.append(
-                pl.DataFrame(
-                    {
-                        "line": [x.line for x in p],
-                        "reason": [x.reason for x in p],
-                        "detail": [x.detail for x in p],
-                        "row": [x.raw for x in p],
-                    },
-                    schema=_REJECTED_SCHEMA,
-                )
-            )
-
-    def pick(self, names: tuple[str, ...], what: str, required: bool = True) -> str | None:
-        cols = self.t.columns
-        for n in names:
-            if n in cols:
-                return n
-        if not required:
-            return None
-        hint = ""
-        near = difflib.get_close_matches(names[0], cols, n=1, cutoff=0.6)
-        if near:
-            hint = f"; did you mean '{near[0]}'?"
-        elif cols and all(c.strip().lstrip("-").isdigit() for c in cols):
-            hint = "; the first line is read as the header: is it missing?"
-        found = ", ".join(cols) if cols else "no columns"
-        raise InputError(f"{self.name}: no {what} column (looked for {', '.join(names)}; found {found}){hint}")
-
-    def reject(self, df: pl.DataFrame, bad: pl.Expr, reason: str, detail: pl.Expr | str) -> pl.DataFrame:
-        """Rows of `df` where `bad` holds (or is null) go to the rejected rows; the rest is returned."""
-        mask = df.select(bad.fill_null(True).alias("m"))["m"]
-        if not mask.any():
-            return df
-        hit = df.filter(mask)
-        cols = self.t.columns
-        row = pl.struct([pl.col(c) for c in cols]).struct.json_encode() if cols else pl.lit("{}")
-        text = pl.lit(detail, pl.String) if isinstance(detail, str) else detail.cast(pl.String).fill_null("")
-        reason_col = pl.lit(reason, pl.String).alias("reason")
-        self.rejected.append(hit.select(pl.col(LINE).alias("line"), reason_col, text.alias("detail"), row.alias("row")))
-        return df.filter(~mask)
-
-    def check_type(self, df: pl.DataFrame, col: str, allowed: tuple[set[str], set[str]]) -> pl.DataFrame:
-        """A wrong-typed Parquet column stops the job (every row would fail); JSON values fail per row."""
-        ctype = self.t.column_types.get(col)
-        if ctype is not None and ctype not in allowed[1]:
-            expected = " or ".join(["string", *sorted(allowed[1])])
-            raise InputError(f"{self.name}: column '{col}' has type {ctype}, expected {expected}")
-        for kind, lines in (self.t.cell_types.get(col) or {}).items():
-            at = pl.col(LINE).is_in(pl.Series(np.frombuffer(lines, dtype=np.int64)).implode())
-            if kind == NOT_UTF8:
-                df = self.reject(df, at, "not_utf8", pl.format("'{}': bytes that are not UTF-8", pl.lit(col)))
-            elif kind not in allowed[0]:
-                detail = pl.format("'{}' is {}, expected a string", pl.lit(col), pl.lit(kind))
-                df = self.reject(df, at, "wrong_type", detail)
-        return df
-
-    def too_long(self, df: pl.DataFrame, col: str, limit: int | None, what: str = "text") -> pl.DataFrame:
-        if not limit:
-            return df
-        n = pl.col(col).str.len_chars()
-        return self.reject(
-            df,
-            n > limit,
-            "text_too_long",
-            pl.format(f"{what} of {{}} characters is longer than read.max_text_chars ({limit})", n),
-        )
-
-    def dedup(self, df: pl.DataFrame, key: list[str], reason: str, what: str) -> pl.DataFrame:
-        """Keep the first row of each key; later ones are rejected naming the first one's line."""
-        df = df.with_columns(pl.col(LINE).min().over(key).alias(_C_FIRST))
-        shown = pl.concat_str([pl.col(k).str.slice(0, 80) for k in key], separator="', '")
-        detail = pl.format(f"{what} '{{}}' (first on {self.t.unit} {{}})", shown, pl.col(_C_FIRST))
-        return self.reject(df, pl.col(LINE) != pl.col(_C_FIRST), reason, detail).drop(_C_FIRST)
-
-    def frame(self) -> pl.DataFrame:
-        """The rejected rows, with input and file."""
-        if not self.rejected:
-            return pl.DataFrame(schema={"input": pl.String, "file": pl.String, **_REJECTED_SCHEMA})
-        df = pl.concat(self.rejected, how="vertical_relaxed")
-        return df.select(
-            pl.lit(self.role, pl.String).alias("input"), pl.lit(redact(self.name), pl.String).alias("file"), pl.all()
-        ).sort("line", maintain_order=True)
-
-    def message(self, line: int, detail: str) -> str:
-        return f"{self.name}: {self.t.unit} {line}: {detail}"
-
-
-def _text_expr(text_col: str, title_col: str | None, tmpl: str) -> pl.Expr:
-    text = pl.col(text_col).cast(pl.String).fill_null("")
-    if not title_col:
-        return text
-    title = pl.col(title_col).cast(pl.String).fill_null("")
-    # "{title} {text}" -> title + " " + text, as polars expressions
-    pieces = [title if p == "{title}" else text if p == "{text}" else pl.lit(p) for p in _template_parts(tmpl)]
-    return pl.when(title.str.strip_chars() == "").then(text).otherwise(pl.concat_str(pieces).str.strip_chars())
-
-
-def _corpus(rows: _Rows, job: Job) -> pl.DataFrame:
-    id_col = rows.pick(_ID, "id")
-    text_col = rows.pick(_TEXT_CORPUS, "text")
-    title_col = rows.pick(("title",), "title", required=False)
-    df = rows.t.frame
-    df = rows.check_type(df, id_col, _ID_TYPES)
-    for c in (text_col, title_col):
-        if c:
-            df = rows.check_type(df, c, _TEXT_TYPES)
-    df = df.with_columns(
-        pl.col(id_col).cast(pl.String).alias(_C_ID),
-        _text_expr(text_col, title_col, job.read.title_template).alias(_C_TEXT),
-    )
-    df = rows.reject(df, _blank(_C_ID), "missing_id", pl.format("no id ('{}' is empty)", pl.lit(id_col)))
-    df = rows.reject(df, _blank(_C_TEXT), "empty_text", pl.format("empty text (id '{}')", pl.col(_C_ID)))
-    df = rows.too_long(df, _C_TEXT, job.read.max_text_chars)
-    df = rows.dedup(df, [_C_ID], "duplicate_id", "duplicate id")
-    return df
-
-
-def _template_parts(tmpl: str) -> list[str]:
-    return [p for p in re.split(r"(\{title\}|\{text\})", tmpl) if p]
-
-
-def _queries(rows: _Rows, job: Job) -> pl.DataFrame:
-    id_col = rows.pick(_ID, "id")
-    text_col = rows.pick(_TEXT_QUERY, "text")
-    df = rows.check_type(rows.t.frame, id_col, _ID_TYPES)
-    df = rows.check_type(df, text_col, _TEXT_TYPES)
-    df = df.with_columns(pl.col(id_col).cast(pl.String).alias(_C_ID), pl.col(text_col).cast(pl.String).alias(_C_TEXT))
-    df = rows.reject(df, _blank(_C_ID), "missing_id", pl.format("no id ('{}' is empty)", pl.lit(id_col)))
-    df = rows.reject(df, _blank(_C_TEXT), "empty_text", pl.format("empty query text (id '{}')", pl.col(_C_ID)))
-    df = rows.too_long(df, _C_TEXT, job.read.max_text_chars, "query text")
-    return rows.dedup(df, [_C_ID], "duplicate_id", "duplicate id")
-
-
-def _qrels(rows: _Rows) -> pl.DataFrame:
-    q = rows.pick(_QREL_Q, "query id")
-    d = rows.pick(_QREL_D, "passage id")
-    s = rows.pick(_SCORE, "score", required=False)
-    df = rows.check_type(rows.t.frame, q, _ID_TYPES)
-    df = rows.check_type(df, d, _ID_TYPES)
-    if s:
-        df = rows.check_type(df, s, _SCORE_TYPES)
-    score = pl.col(s).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False) if s else pl.lit(1.0)
-    df = df.with_columns(
-        pl.col(q).cast(pl.String).alias(_C_Q), pl.col(d).cast(pl.String).alias(_C_D), score.alias(_C_SCORE)
-    )
-    df = rows.reject(df, _blank(_C_Q), "missing_id", pl.format("no query id ('{}' is empty)", pl.lit(q)))
-    df = rows.reject(df, _blank(_C_D), "missing_id", pl.format("no passage id ('{}' is empty)", pl.lit(d)))
-    if s:
-        bad = pl.col(_C_SCORE).is_null() | pl.col(_C_SCORE).is_nan() | pl.col(_C_SCORE).is_infinite()
-        df = rows.reject(df, bad, "score_not_a_number", pl.format("score '{}' is not a number", pl.col(s)))
-    return rows.dedup(df, [_C_Q, _C_D], "duplicate_judgment", "duplicate judgment of")
-
-
-def _references(rows: _Rows, qrels: pl.DataFrame, col: str, what: str, valid: pl.DataFrame, src: _Rows) -> pl.DataFrame:
-    """A qrel must name a usable row of `src`: unknown ids and ids of rejected rows are rejected."""
-    ids = src.t.frame.select(pl.col(src.pick(_ID, "id")).cast(pl.String).alias(_C_REF), pl.col(LINE))
-    ok = pl.col(col).is_in(valid[_C_ID].implode())
-    name = pl.lit(src.name.rsplit("/", 1)[-1])
-    noun = "query" if what == "query" else "passage"
-    qrels = rows.reject(
-        qrels,
-        ~ok & ~pl.col(col).is_in(ids[_C_REF].implode()),
-        f"unknown_{what}_id",
-        pl.format(f"unknown {noun} id '{{}}' (not in {{}})", pl.col(col), name),
-    )
-    if not src.rejected:
-        return qrels
-    # name the line and reason of the rejected row, so one look at the message explains both
-    why = pl.concat(src.rejected).select(pl.col("line").alias(LINE), pl.col("reason").alias(_C_WHY))
-    why = ids.join(why, on=LINE).group_by(_C_REF, maintain_order=True).first()
-    qrels = qrels.join(why.rename({LINE: _C_WHERE}), left_on=col, right_on=_C_REF, how="left", maintain_order="left")
-    detail = pl.format(
-        f"{noun} '{{}}' is a rejected row of {{}} ({src.t.unit} {{}}: {{}})",
-        pl.col(col),
-        name,
-        pl.col(_C_WHERE),
-        pl.col(_C_WHY),
-    )
-    return rows.reject(qrels, ~ok, f"rejected_{what}_id", detail).drop(_C_WHERE, _C_WHY)
-
-
-def _text_id(prefix: str, text: str) -> str:
-    return prefix + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _from_pairs(rows: _Rows, spec: PairsInput, job: Job) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    qcol = rows.pick(tuple(dict.fromkeys((spec.query_column, "query", "anchor"))), "query")
-    pcol = rows.pick((spec.positive_column,), "positive")
-    df = rows.check_type(rows.t.frame, qcol, _TEXT_TYPES)
-    df = rows.check_type(df, pcol, _TEXT_TYPES)
-    df = df.with_columns(pl.col(qcol).cast(pl.String).alias(_C_Q), pl.col(pcol).cast(pl.String).alias(_C_D))
-    df = rows.reject(df, _blank(_C_Q), "empty_text", pl.format("empty query ('{}')", pl.lit(qcol)))
-    df = rows.reject(df, _blank(_C_D), "empty_text", pl.format("empty positive ('{}')", pl.lit(pcol)))
-    df = rows.too_long(df, _C_Q, job.read.max_text_chars, "query")
-    df = rows.too_long(df, _C_D, job.read.max_text_chars, "positive")
-    df = rows.dedup(df, [_C_Q, _C_D], "duplicate_pair", "duplicate pair")
-    # ids are content hashes, so the same text is one passage / one query however often it occurs
-    df = df.with_columns(
-        pl.col(_C_Q).map_elements(lambda t: _text_id("q", t), return_dtype=pl.String).alias("query_id"),
-        pl.col(_C_D).map_elements(lambda t: _text_id("d", t), return_dtype=pl.String).alias("doc_id"),
-    )
-    corpus = df.select(pl.col("doc_id").alias("id"), pl.col(_C_D).alias("text")).unique("id", maintain_order=True)
-    queries = df.select(pl.col("query_id").alias("id"), pl.col(_C_Q).alias("text")).unique("id", maintain_order=True)
-    qrels = df.select("query_id", "doc_id", pl.lit(1.0, pl.Float32).alias("score"))
-    return corpus, queries, qrels
-
-
-def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) -> dict[str, Any]:
-    """Check every input against its contract and normalise it.
-
-    Returns the corpus, queries and qrels (positives) frames, the rejected rows
-    (schemas/rejected_input.yaml), per-input stats (rows read = used + unused + rejected by reason)
-    and `problems`, one message per rejected row, first ones first. Under `policy` (default: the
-    job's on_bad_input) `strict`, any rejected row raises InputError with the first message instead.
-    """
-    policy = policy or job.on_bad_input
-    rows = {role: _Rows(role, t) for role, t in tables.items()}
-    for r in rows.values():
-        if r.t.frame.height == 0:
-            if r.t.problems:
-                p = r.t.problems[0]
-                raise InputError(f"{r.message(p.line, p.detail)} (and no row of the file is readable)")
-            raise InputError(f"{r.name}: no rows")
-    unused: dict[str, dict[str, int]] = {role: {} for role in rows}
-    if "pairs" in rows:
-        corpus, queries, qrels = _from_pairs(rows["pairs"], job.input, job)
-        positives = qrels
-        used = {"pairs": qrels.height}
-    else:
-        corpus = _corpus(rows["corpus"], job)
-        queries = _queries(rows["queries"], job)
-        qr = _qrels(rows["qrels"])
-        qr = _references(rows["qrels"], qr, _C_Q, "query", queries, rows["queries"])
-        qr = _references(rows["qrels"], qr, _C_D, "doc", corpus, rows["corpus"])
-        is_pos = pl.col(_C_SCORE) > 0
-        positives = qr.filter(is_pos).select(
-            pl.col(_C_Q).alias("query_id"),
-            pl.col(_C_D).alias("doc_id"),
-            pl.col(_C_SCORE).cast(pl.Float32).alias("score"),
-        )
-        judged = queries[_C_ID].is_in(positives["query_id"].implode())
-        unused["queries"]["no_positive"] = int((~judged).sum())
-        unused["qrels"]["not_positive"] = qr.height - positives.height
-        if unused["queries"]["no_positive"]:
-            # normal for BEIR: queries.jsonl holds every split's queries
-            n = unused["queries"]["no_positive"]
-            log.info("%s: %d queries have no positive in this split: not used", rows["queries"].name, n)
-        queries = queries.filter(judged)
-        corpus = corpus.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
-        queries = queries.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
-        used = {"corpus": corpus.height, "queries": queries.height, "qrels": positives.height}
-    rejected = {role: r.frame() for role, r in rows.items()}
-    stats: dict[str, dict] = {}
-    for role, r in rows.items():
-        rej = rejected[role]
-        by_reason = dict(sorted(Counter(rej["reason"].to_list()).items()))
-        s = {
-            "rows_read": r.t.rows_read,
-            "rows_used": used[role],
-            **{f"rows_unused_{k}": v for k, v in unused[role].items()},
-            "rows_rejected": rej.height,
-            "rejected": by_reason,
-            "problems": [r.message(ln, d) for ln, d in zip(rej["line"][:5], rej["detail"][:5], strict=True)],
-        }
-        balance = s["rows_used"] + sum(unused[role].values()) + s["rows_rejected"]
-        if balance != s["rows_read"]:  # a bug, never bad input: every row must land in exactly one place
-            raise RuntimeError(f"{role}: rows read {s['rows_read']} != used + unused + rejected {balance}")
-        stats[role] = s
-    all_rejected = pl.concat(list(rejected.values()))
-    if policy == "strict" and all_rejected.height:
-        raise InputError(_strict_message(rows, rejected))
-    if positives.height == 0:
-        role = "pairs" if "pairs" in rows else "qrels"
-        s = stats[role]
-        why = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **unused.get(role, {})}.items()) or "no rows"
-        raise InputError(f"{rows[role].name}: no usable (query, positive) pair ({why})")
-    return {
-        "corpus": corpus,
-        "queries": queries,
-        "qrels": positives,
-        "rejected": all_rejected,
-        "stats": stats,
-    }
-
-
-def _strict_message(rows: dict[str, _Rows], rejected: dict[str, pl.DataFrame]) -> str:
-    role = next(r for r, df in rejected.items() if df.height)
-    first = rejected[role].row(0, named=True)
-    counts = Counter(x for df in rejected.values() for x in df["reason"].to_list())
-    total = sum(counts.values())
-    more = ""
-    if total > 1:
-        more = f" ({total} problems in all: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + ")"
-    hint = "; on_bad_input: lenient sets bad rows aside instead"
-    return rows[role].message(first["line"], first["detail"]) + more + hint
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-
-
-def text_key(text: str) -> int:
-    """64-bit key of a text after case folding and whitespace collapsing: equal keys are duplicates."""
-    norm = " ".join(text.casefold().split())
-    return int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def shard_digest(table: pa.Table) -> str:
-    """Content hash of a shard's (id, text) rows: the embedding cache key of the shard.
-
-    Hashes the values, not Arrow buffers: a slice shares its parent's buffers, so a buffer hash
-    would change with rows outside the shard (and could equal another slice's).
-    """
-    h = hashlib.sha256()
-    for col in ("id", "text"):
-        for v in table.column(col).to_pylist():
-            b = (v or "").encode()
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-    return h.hexdigest()[:24]
-
-
-def shard_entry(name: str, part: pa.Table) -> dict:
-    """A text shard as the stages see it: name, rows, characters (its embedding work) and digest."""
-    chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
-    return {"name": name, "rows": part.num_rows, "chars": chars, "digest": shard_digest(part)}
-
-
-def _write_shards(folder: Folder, df: pl.DataFrame, rows: int, contract: str) -> list[dict]:
-    shards = []
-    table = df.to_arrow()
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows)):
-        part = conform(table.slice(start, rows), contract).combine_chunks()
-        if part.num_rows == 0:
-            continue
-        name = f"{i:05d}.parquet"
-        folder.write_parquet(name, part)
-        shards.append(shard_entry(name, part))
-    return shards
-
-
-def run_read(job: Job, out: Folder, files: dict[str, str], storage_options: dict | None = None) -> dict:
-    """Read and normalise every input, write shards under `out`; returns the stats written."""
-    tables = {role: load_table(url, storage_options) for role, url in files.items()}
+def read_inputs(job: Job, out: Folder, files: dict[str, str]) -> dict:
+    """Read and normalise every input, write shards under `out`; returns the stats written (Ray task)."""
+    tables = {role: load_table(url, job.storage) for role, url in files.items()}
     res = normalise(job, tables)
-    corpus = res["corpus"].with_columns(
-        pl.col("text").map_elements(text_key, return_dtype=pl.Int64).alias("text_key"))
-    corpus_shards = _write_shards(out.sub("corpus"), corpus, job.read.shard_rows, "corpus")
-    query_shards = _write_shards(out.sub("queries"), res["queries"], job.read.query_shard_rows, "queries")
+    corpus = res["corpus"].with_columns(pl.col("text").map_elements(text_key, return_dtype=pl.Int64).alias("text_key"))
+    corpus_shards = write_shards(out.sub("corpus"), corpus.to_arrow(), job.read.shard_rows, "corpus")
+    query_shards = write_shards(out.sub("queries"), res["queries"].to_arrow(), job.read.query_shard_rows, "queries")
     out.write_parquet("qrels.parquet", conform(res["qrels"].to_arrow(), "qrels"))
     out.write_parquet("rejected.parquet", conform(res["rejected"].to_arrow(), "rejected_input"))
-    stats = {
-        "inputs": {r: {**res["stats"][r], "path": redact(files[r]), "sha256": tables[r].sha256} for r in files},
-        "corpus_shards": corpus_shards,
-        "query_shards": query_shards,
-        "passages": res["corpus"].height,
-        "queries": res["queries"].height,
-        "positives": res["qrels"].height,
-        "rejected_rows": res["rejected"].height,
-    }
-    out.write_json("stats.json", stats)
-    return stats
+    result = ReadResult(
+        out, tuple(corpus_shards), tuple(query_shards), res["corpus"].height, res["queries"].height,
+        res["qrels"].height, res["rejected"].height,
+        {r: {**res["stats"][r], "path": redact(files[r]), "sha256": tables[r].sha256} for r in files},
+    )
+    out.write_json("stats.json", result.stats())
+    return result.stats()
 
 
-def publish_rejected(rdir: Folder, out: Folder, stats: dict) -> str | None:
-    """Copy the rejected input rows next to the output (rejected/input.parquet) when there are any;
-    returns the path relative to the output. Under on_bad_input: strict there never are."""
-    if not stats.get("rejected_rows"):
-        return None
-    name = "rejected/input.parquet"
-    out.write_bytes(name, rdir.read_bytes("rejected.parquet"))
-    return name
+class Read(Stage):
+    name = "read"
 
+    def check(self, job: Job) -> None:
+        fingerprints(input_files(job), job.storage)  # missing, unreadable or unknown-format inputs
 
-def check_inputs(job: Job) -> dict[str, dict]:
-    """`negprep validate`: read and check every input on this machine (no Ray). Under
-    on_bad_input: strict the first problem raises, as in a run; returns per-input stats."""
-    files = input_files(job)
-    fingerprints(files, job.storage)
-    tables = {role: load_table(url, job.storage) for role, url in files.items()}
-    stats = normalise(job, tables)["stats"]
-    return {role: {**s, "path": redact(files[role])} for role, s in stats.items()}
+    def resources(self, run: Run) -> dict[str, Resources]:
+        # the worker exits after the task, with whatever memory parsing the inputs took
+        return {"reader": Resources(cpus=1, one_call=True)}
 
-
-def format_check(source: str, job: Job, stats: dict[str, dict]) -> str:
-    """What `negprep validate` prints: per input rows read, used, not used and rejected, first problems."""
-    lines = [f"{source}: ok (on_bad_input: {job.on_bad_input})"]
-    for role, s in stats.items():
-        parts = [f"{s['rows_read']:,} rows read", f"{s['rows_used']:,} used"]
-        parts += [f"{v:,} not used ({k.removeprefix('rows_unused_')})" for k, v in s.items() if
-                  k.startswith("rows_unused_") and v]
-        if s["rows_rejected"]:
-            why = ", ".join(f"{k} {v:,}" for k, v in s["rejected"].items())
-            parts.append(f"{s['rows_rejected']:,} rejected ({why})")
-        lines.append(f"  {role}: {s['path']}: " + ", ".join(parts))
-        lines += [f"    {p}" for p in s["problems"]]
-    total = sum(s["rows_rejected"] for s in stats.values())
-    if total:
-        lines.append(
-            f"  {total:,} input row{'s' if total > 1 else ''} rejected; a run sets them aside in "
-            f"{job.output.rstrip('/')}/rejected/input.parquet"
-        )
-    return "\n".join(lines)
+    def run(self, run: Run, force: bool) -> None:
+        job = run.job
+        files = input_files(job)
+        folder = run.work.sub("input", read_key(job, fingerprints(files, job.storage)))
+        if force or not folder.exists("_SUCCESS"):
+            folder.rm("_SUCCESS")
+            run.ex.call(read_inputs, job, folder, files, res=self.resources(run)["reader"])
+            folder.write_bytes("_SUCCESS", b"")
+        run.read = ReadResult.load(folder)

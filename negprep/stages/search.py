@@ -33,11 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from negprep import execution
 from negprep.config import SearchConfig
+from negprep.embeddings import table_vectors
 from negprep.errors import ConfigError
-from negprep.paths import Folder
+from negprep.execution import Executor, Resources
+from negprep.paths import File, Folder, stage_key
+from negprep.results import StageOutput
 from negprep.schemas import conform
-from negprep.stages.embed import table_vectors
+from negprep.shards import Shard
+from negprep.stages.base import Run, Stage
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +232,8 @@ def _build_index(vecs: np.ndarray, cfg: SearchConfig) -> Any:
 # One query shard: fan out, merge, write
 
 
-def _positives(qrels: tuple[Folder, str], qids: list[str]) -> list[list[str]]:
-    rel = qrels[0].read_parquet(qrels[1], columns=["query_id", "doc_id"])
+def _positives(qrels: File, qids: list[str]) -> list[list[str]]:
+    rel = qrels.read_parquet(columns=["query_id", "doc_id"])
     rel = rel.filter(pc.is_in(rel.column("query_id"), value_set=pa.array(qids, pa.string())))
     where = {q: i for i, q in enumerate(qids)}
     out: list[list[str]] = [[] for _ in qids]
@@ -243,8 +248,6 @@ def _fan_out(
     """Every query row against every index shard: merged (scores, ids) (rows x k) and positive scores.
 
     Two batches are in flight so the shards work on the next one while this task merges."""
-    import ray
-
     nq = len(qvec)
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
     ids = np.full((nq, k), None, dtype=object)
@@ -253,12 +256,12 @@ def _fan_out(
         return scores, ids, found
 
     def submit(b0: int) -> tuple[int, list]:
-        ref = ray.put(np.ascontiguousarray(qvec[b0 : b0 + batch]))
+        ref = execution.put(np.ascontiguousarray(qvec[b0 : b0 + batch]))
         pairs = [(i - b0, d) for i in range(b0, min(b0 + batch, nq)) for d in positives[i]]
-        return b0, [a.search.remote(ref, k, pairs, exact) for a in actors]
+        return b0, execution.submit(actors, "search", ref, k, pairs, exact)
 
     def collect(b0: int, futures: list) -> None:
-        parts = ray.get(futures)
+        parts = execution.get(futures)
         s, i = top_k(np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1), k)
         scores[b0 : b0 + len(s)], ids[b0 : b0 + len(s)] = s, i
         for p in parts:
@@ -336,36 +339,39 @@ def _padded(id_lists: list[list[str]], score_lists: list[list[float]], k: int) -
     return scores, ids
 
 
-def search_query_shard(
-    actors: list,
-    query_emb: tuple[Folder, str],
-    qrels: tuple[Folder, str],
-    dst: tuple[Folder, str],
-    range_max: int,
-    query_batch: int,
-    recall_queries: int,
-    final: bool,
-) -> dict:
-    """Search one query shard on a group of index shards (Ray task).
+@dataclass(frozen=True)
+class QueryShardSearch:
+    """One query shard's search on a group of index shards. `final`: the group is the whole
+    corpus, write candidates; else write the group's top-k for a later merge. `recall_queries` > 0
+    also searches that many sampled queries exactly."""
 
-    `final`: the group is the whole corpus, write candidates; else write the group's top-k for a
-    later merge. `recall_queries` > 0 also searches that many sampled queries exactly.
-    """
+    query_emb: File
+    qrels: File
+    dst: File
+    range_max: int
+    query_batch: int
+    recall_queries: int
+    final: bool
+
+
+def search_query_shard(actors: list, task: QueryShardSearch) -> dict:
+    """Search one query shard on a group of index shards (Ray task)."""
     t0 = time.perf_counter()
-    qids, qvec = table_vectors(query_emb[0].read_parquet(query_emb[1]))
-    positives = _positives(qrels, qids)
+    range_max, recall_queries, dst = task.range_max, task.recall_queries, task.dst
+    qids, qvec = table_vectors(task.query_emb.read_parquet())
+    positives = _positives(task.qrels, qids)
     k = range_max + max((len(p) for p in positives), default=0)
-    scores, ids, found = _fan_out(actors, qvec, k, positives, query_batch)
+    scores, ids, found = _fan_out(actors, qvec, k, positives, task.query_batch)
     sample = _sample_rows(qids, recall_queries)
     exact = None
     if len(sample):
-        exact = _fan_out(actors, qvec[sample], k, [[] for _ in sample], query_batch, exact=True)[:2]
+        exact = _fan_out(actors, qvec[sample], k, [[] for _ in sample], task.query_batch, exact=True)[:2]
     stats: dict[str, Any] = {"queries": len(qids), "k": k}
-    if final:
+    if task.final:
         if exact is not None:
             stats |= _recall(ids[sample], exact[1])
-            dst[0].write_json(dst[1] + ".recall.json", stats)  # before the candidates: their file is the marker
-        dst[0].write_parquet(dst[1], _candidates(qids, positives, scores, ids, found, range_max))
+            dst.folder.write_json(dst.name + ".recall.json", stats)  # before the candidates: their file is the marker
+        dst.write_parquet(_candidates(qids, positives, scores, ids, found, range_max))
     else:
         cols: dict[str, list] = {"query_id": qids}
         cols["ids"], cols["scores"] = _lists(ids, scores)
@@ -378,14 +384,12 @@ def search_query_shard(
             for j, (d, s) in enumerate(zip(*_lists(exact[1], exact[0]), strict=True)):
                 ex_ids[sample[j]], ex_scores[sample[j]] = d, s
         cols["exact_ids"], cols["exact_scores"] = ex_ids, ex_scores
-        dst[0].write_parquet(dst[1], conform(pa.table(cols), "search_partial"))
+        dst.write_parquet(conform(pa.table(cols), "search_partial"))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
 
 
-def merge_groups(
-    groups: list[Folder], name: str, qrels: tuple[Folder, str], dst: Folder, range_max: int, recall: bool
-) -> dict:
+def merge_groups(groups: list[Folder], name: str, qrels: File, dst: Folder, range_max: int, recall: bool) -> dict:
     """Merge the per-group top-k of one query shard into its candidates file (Ray task)."""
     t0 = time.perf_counter()
     parts = [g.read_parquet(name) for g in groups]
@@ -413,7 +417,7 @@ def merge_groups(
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage, driven from the runner
+# The stage
 
 
 def search_settings(cfg: SearchConfig) -> dict:
@@ -427,146 +431,140 @@ def search_settings(cfg: SearchConfig) -> dict:
     }
 
 
-def _dim(folder: Folder, name: str) -> int:
-    with folder.open(name) as f:
+def _dim(file: File) -> int:
+    with file.folder.open(file.name) as f:
         batch = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=["embedding"]))
         return len(batch.column(0)[0])
 
 
-def _nodes() -> list[tuple[float, float]]:
-    """(CPUs, memory bytes for tasks) of each live node with CPUs."""
-    import ray
-
-    out = []
-    for node in ray.nodes():
-        res = node.get("Resources", {})
-        if node.get("Alive") and res.get("CPU", 0) > 0:
-            out.append((float(res["CPU"]), float(res.get("memory", 0))))
-    return out
+def search_key(run: Run) -> str:
+    """What the candidates depend on: both encoders, the embedded shards, the positives, the window
+    and the settings that change the candidates."""
+    read, emb = run.read, run.embed
+    corpus_files = [s.embedding for s in read.corpus_shards]
+    query_shards = [s.to_dict() for s in read.query_shards]
+    return stage_key(emb.passages.spec.key(), emb.queries.spec.key(), corpus_files, query_shards, read.folder.url,
+                     run.job.range_max, search_settings(run.job.search))
 
 
-def _bounded(submit: Any, args: list, limit: int) -> list:
-    """Run `submit(*a)` for every a with at most `limit` Ray tasks in flight; results in order."""
-    import ray
+@dataclass(frozen=True)
+class SearchInputs:
+    """What the search reads: corpus and query embedding files (named by shard digest) and the positives."""
 
-    results: list = [None] * len(args)
-    running: dict = {}
-    queue = deque(enumerate(args))
-    while queue or running:
-        while queue and len(running) < limit:
-            i, a = queue.popleft()
-            running[submit(*a)] = i
-        done, _ = ray.wait(list(running), num_returns=1)
-        results[running.pop(done[0])] = ray.get(done[0])
-    return results
+    passages: Folder
+    corpus_shards: tuple[Shard, ...]
+    queries: Folder
+    query_shards: tuple[Shard, ...]
+    qrels: File
 
 
-def run_search(
-    cfg: SearchConfig,
-    corpus: tuple[Folder, list[dict]],
-    queries: tuple[Folder, list[dict]],
-    qrels: tuple[Folder, str],
-    sdir: Folder,
-    range_max: int,
-    retries: int = 3,
-    force: bool = False,
-) -> dict:
-    """Search every query shard (read stage's shard dicts; embeddings named `<digest>.parquet`)
-    not yet in `sdir`; returns the stage's stats for the manifest.
+def layout(cfg: SearchConfig, inputs: SearchInputs) -> tuple[list[tuple[Piece, ...]], int]:
+    """The index shards of the corpus, and the bytes one of them needs."""
+    files = [(s.embedding, s.rows) for s in inputs.corpus_shards if s.rows]
+    dim = _dim(inputs.passages.file(files[0][0])) if files else 0
+    per_row = bytes_per_row(dim, cfg)
+    shards = plan_shards(files, max(1, int(cfg.shard_mb * 2**20) // per_row))
+    return shards, max((sum(p.stop - p.start for p in s) for s in shards), default=0) * per_row
 
-    Only file names, counts and futures pass through the driver.
-    """
-    import ray
 
+def search_resources(need: int) -> dict[str, Resources]:
+    return {
+        # memory is reserved by Ray's scheduler, so a shard never lands on a node too small for
+        # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0)
+        "index_shard": Resources(cpus=0.01, memory=max(need, 1), spread=True),
+        "coordinator": Resources(cpus=0),  # mostly waits on the index shards
+        "merge": Resources(cpus=1),
+    }
+
+
+def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Folder, range_max: int,
+               force: bool = False) -> dict:
+    """Search every query shard not yet in `sdir` (all of them with `force`); returns the stage's
+    stats for the manifest. Only file names, counts and futures pass through the driver."""
     t0 = time.perf_counter()
     if force:
         sdir.rm("", recursive=True)
     done = set(sdir.ls(".parquet"))
-    todo = [s for s in queries[1] if s["name"] not in done]
-    files = [(f"{s['digest']}.parquet", s["rows"]) for s in corpus[1] if s["rows"]]
-    dim = _dim(corpus[0], files[0][0]) if files else 0
-    per_row = bytes_per_row(dim, cfg)
-    shards = plan_shards(files, max(1, int(cfg.shard_mb * 2**20) // per_row))
-    rows = max((sum(p.stop - p.start for p in s) for s in shards), default=0)
+    todo = [s for s in inputs.query_shards if s.name not in done]
+    shards, need = layout(cfg, inputs)
     stats: dict[str, Any] = {
         "index": cfg.index,
         "index_shards": len(shards),
-        "rows_per_index_shard": rows,
-        "index_shard_mb": round(rows * per_row / 2**20, 1),
-        "query_shards": len(queries[1]),
-        "reused": len(queries[1]) - len(todo),
+        "rows_per_index_shard": max((sum(p.stop - p.start for p in s) for s in shards), default=0),
+        "index_shard_mb": round(need / 2**20, 1),
+        "query_shards": len(inputs.query_shards),
+        "reused": len(inputs.query_shards) - len(todo),
     }
     if todo:
-        nodes = _nodes()
-        need = rows * per_row
-        fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
-        if shards and fit == 0:
-            raise ConfigError(
-                f"search.shard_mb: an index shard needs {need >> 20} MB, more than any node offers Ray; "
-                "lower search.shard_mb"
-            )
-        size = min(len(shards), fit) or 1
-        # an empty corpus is one group without actors: every query gets no candidates
-        groups = [shards[i : i + size] for i in range(0, len(shards), size)] or [[]]
-        cpus = sum(c for c, _ in nodes)
-        threads = cfg.threads or max(1, min(int(max(c for c, _ in nodes)), int(cpus // size)))
-        stats |= {"groups": len(groups), "threads_per_index_shard": threads}
-        log.info(
-            "search: %d index shard(s) of <= %d rows (~%.0f MB), %d group(s), %d query shard(s) to do",
-            len(shards), rows, need / 2**20, len(groups), len(todo),
-        )
-        total_q = max(1, sum(s["rows"] for s in queries[1]))
-        approx = cfg.index != "flat"
-        sample = {
-            s["name"]: min(s["rows"], math.ceil(cfg.recall_sample * s["rows"] / total_q)) if approx else 0
-            for s in todo
-        }
-        coord = ray.remote(search_query_shard).options(num_cpus=0, max_retries=retries)
-        actor_cls = ray.remote(IndexShard)
-        single = len(groups) == 1
-        gdirs = [sdir.sub("group-" + _pieces_key(g)) for g in groups]
-        limit = max(2, size)
-        for group, gdir in zip(groups, gdirs, strict=True):
-            left = todo if single else [s for s in todo if not gdir.exists(s["name"])]
-            if not left:
-                continue
-            # memory is reserved by Ray's scheduler, so a group never lands on a node too small for
-            # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0)
-            actors = [
-                actor_cls.options(
-                    num_cpus=0.01,
-                    memory=max(need, 1),
-                    max_restarts=retries,
-                    max_task_retries=retries,
-                    scheduling_strategy="SPREAD",
-                ).remote(corpus[0], pieces, cfg, threads)
-                for pieces in group
-            ]
-            try:
-                out = sdir if single else gdir
-                args = [
-                    (actors, (queries[0], f"{s['digest']}.parquet"), qrels, (out, s["name"]), range_max,
-                     cfg.query_batch, sample[s["name"]], single)
-                    for s in left
-                ]
-                _bounded(coord.remote, args, limit)
-            finally:
-                for a in actors:
-                    ray.kill(a)
-        if not single:
-            merge = ray.remote(merge_groups).options(num_cpus=1, max_retries=retries)
-            _bounded(merge.remote, [(gdirs, s["name"], qrels, sdir, range_max, approx) for s in todo], limit)
-            for g in gdirs:
-                g.rm("", recursive=True)
+        stats |= _search(ex, cfg, inputs, todo, shards, need, sdir, range_max)
     if cfg.index != "flat":
         hits = total = n = 0
-        for s in queries[1]:
-            if sdir.exists(s["name"] + ".recall.json"):
-                r = sdir.read_json(s["name"] + ".recall.json")
+        for s in inputs.query_shards:
+            if sdir.exists(s.name + ".recall.json"):
+                r = sdir.read_json(s.name + ".recall.json")
                 hits, total, n = hits + r["recall_hits"], total + r["recall_total"], n + r["recall_queries"]
         stats["recall"] = {"queries": n, "recall_at_k": round(hits / total, 4) if total else None}
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
+
+
+def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Shard],  # noqa: PLR0913
+            shards: list[tuple[Piece, ...]], need: int, sdir: Folder, range_max: int) -> dict:
+    """Search the `todo` query shards, the index shards in groups that fit the cluster's memory."""
+    nodes = execution.nodes()
+    fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
+    if shards and fit == 0:
+        raise ConfigError(
+            f"search.shard_mb: an index shard needs {need >> 20} MB, more than any node offers Ray; "
+            "lower search.shard_mb"
+        )
+    size = min(len(shards), fit) or 1
+    # an empty corpus is one group without actors: every query gets no candidates
+    groups = [shards[i : i + size] for i in range(0, len(shards), size)] or [[]]
+    cpus = sum(c for c, _ in nodes)
+    threads = cfg.threads or max(1, min(int(max(c for c, _ in nodes)), int(cpus // size)))
+    log.info("search: %d index shard(s) (~%.0f MB each), %d group(s), %d query shard(s) to do",
+             len(shards), need / 2**20, len(groups), len(todo))
+    total_q = max(1, sum(s.rows for s in inputs.query_shards))
+    approx = cfg.index != "flat"
+    sample = {s.name: min(s.rows, math.ceil(cfg.recall_sample * s.rows / total_q)) if approx else 0 for s in todo}
+    res = search_resources(need)
+    single = len(groups) == 1
+    gdirs = [sdir.sub("group-" + _pieces_key(g)) for g in groups]
+    limit = max(2, size)
+    for group, gdir in zip(groups, gdirs, strict=True):
+        left = todo if single else [s for s in todo if not gdir.exists(s.name)]
+        if not left:
+            continue
+        args = [(inputs.passages, pieces, cfg, threads) for pieces in group]
+        with ex.actors(IndexShard, args, res["index_shard"]) as actors:
+            out = sdir if single else gdir
+            calls = [(actors, QueryShardSearch(inputs.queries.file(s.embedding), inputs.qrels, out.file(s.name),
+                                               range_max, cfg.query_batch, sample[s.name], single)) for s in left]
+            ex.map(search_query_shard, calls, res["coordinator"], desc="search", limit=limit)
+    if not single:
+        calls = [(gdirs, s.name, inputs.qrels, sdir, range_max, approx) for s in todo]
+        ex.map(merge_groups, calls, res["merge"], desc="merge", limit=limit)
+        for g in gdirs:
+            g.rm("", recursive=True)
+    return {"groups": len(groups), "threads_per_index_shard": threads}
+
+
+class Search(Stage):
+    name = "search"
+
+    @staticmethod
+    def inputs(run: Run) -> SearchInputs:
+        read, emb = run.read, run.embed
+        return SearchInputs(emb.passages.folder, read.corpus_shards, emb.queries.folder, read.query_shards, read.qrels)
+
+    def resources(self, run: Run) -> dict[str, Resources]:
+        return search_resources(layout(run.job.search, self.inputs(run))[1])
+
+    def run(self, run: Run, force: bool) -> None:
+        sdir = run.work.sub("search", search_key(run))
+        run.search = StageOutput(sdir, search_all(run.ex, run.job.search, self.inputs(run), sdir, run.job.range_max,
+                                                  force))
 
 
 def _pieces_key(group: list[tuple[Piece, ...]]) -> str:

@@ -1,0 +1,204 @@
+"""Ray at the edge: the one module that starts Ray and submits, waits on and unwraps Ray work.
+
+Stages say what to run and what it asks for (`Resources`); this module turns that into Ray tasks
+and actors, with the job's `ray.retries` as task retries and actor restarts everywhere, a progress
+bar while waiting, results in submission order, and a negprep error raised inside any task or
+actor re-raised as itself, so the CLI prints its one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from negprep import storage
+from negprep.errors import NegprepError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one Ray task or actor of a stage asks the scheduler for."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: int = 0  # bytes reserved with Ray's scheduler (0: none)
+    spread: bool = False  # place actors on as many nodes as possible
+    one_call: bool = False  # the worker exits after the call, with whatever memory it took
+
+    def options(self, retries: int, actor: bool) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.cpus}
+        if self.gpus:
+            opts["num_gpus"] = self.gpus
+        if self.memory:
+            opts["memory"] = self.memory
+        if self.spread:
+            opts["scheduling_strategy"] = "SPREAD"
+        if actor:
+            opts |= {"max_restarts": retries, "max_task_retries": retries}
+        else:
+            opts["max_retries"] = retries
+            if self.one_call:
+                opts["max_calls"] = 1
+        return opts
+
+
+def start_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -> None:
+    """Attach to `address` (else RAY_ADDRESS) if given, else start a local Ray sized for this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NEGPREP_CACHE") if k in os.environ}}
+    # workers (maybe on other machines) need the driver's AWS endpoint and region; the keys go in
+    # the pickled Folders instead (storage.with_env_credentials): Ray logs the runtime_env
+    env["env_vars"] |= storage.ray_env()
+    if address:
+        # under `ray job submit --runtime-env-json` the job's env vars would clash with these same
+        # keys (a ValueError); merge them instead, ours (the driver's own values) winning
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=object_store_mb << 20,
+            runtime_env=env,
+            log_to_driver=False,
+        )
+
+
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """A negprep error raised inside a task or actor arrives wrapped in RayTaskError with its
+    traceback: re-raise the original, so the CLI still prints one line and exits 2."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, NegprepError):
+            raise e.cause from None
+        raise
+
+
+def get(refs: Any) -> Any:
+    """ray.get, negprep errors unwrapped."""
+    import ray
+
+    with _unwrapped():
+        return ray.get(refs)
+
+
+def put(value: Any) -> Any:
+    """A reference to `value` in the object store, to hand one copy to many calls."""
+    import ray
+
+    return ray.put(value)
+
+
+def submit(actors: Sequence[Any], method: str, *args: Any) -> list:
+    """Call `method(*args)` on every actor; the futures, in actor order (wait with `get`)."""
+    return [getattr(a, method).remote(*args) for a in actors]
+
+
+def nodes() -> list[tuple[float, float]]:
+    """(CPUs, memory bytes for tasks) of each live node with CPUs."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("CPU", 0) > 0:
+            out.append((float(res["CPU"]), float(res.get("memory", 0))))
+    return out
+
+
+def cluster_cpus() -> int:
+    """CPUs of the whole cluster."""
+    return max(1, int(sum(c for c, _ in nodes())))
+
+
+def largest_node_cpus() -> int:
+    """CPUs of the largest live node: a task asking for more would never be scheduled."""
+    return max((int(c) for c, _ in nodes()), default=1)
+
+
+class Executor:
+    """Runs a stage's Ray work with the job's retries; every wait goes through `get`."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+
+    def submit(self, fn: Callable, *args: Any, res: Resources = Resources(), returns: int = 1) -> Any:
+        """Start one task; its future (or `returns` futures)."""
+        import ray
+
+        opts = res.options(self.retries, actor=False) | ({"num_returns": returns} if returns != 1 else {})
+        return ray.remote(**opts)(fn).remote(*args)
+
+    def call(self, fn: Callable, *args: Any, res: Resources = Resources()) -> Any:
+        """Run one task and wait for its result."""
+        return get(self.submit(fn, *args, res=res))
+
+    def map(self, fn: Callable, calls: Sequence[tuple], res: Resources = Resources(), desc: str = "",
+            limit: int | None = None) -> list:
+        """`fn(*args)` as a task for every args tuple, at most `limit` in flight (None: all at once);
+        results in submission order, the first failure raised at once."""
+        import ray
+
+        remote = ray.remote(**res.options(self.retries, actor=False))(fn)
+        results: list = [None] * len(calls)
+        queue, running = deque(enumerate(calls)), {}
+        with _progress(len(calls), desc) as bar:
+            while queue or running:
+                while queue and (limit is None or len(running) < limit):
+                    i, args = queue.popleft()
+                    running[remote.remote(*args)] = i
+                done, _ = ray.wait(list(running), num_returns=1)
+                results[running.pop(done[0])] = get(done[0])
+                bar.update(1)
+        return results
+
+    @contextmanager
+    def actors(self, cls: type, args: Sequence[tuple], res: Resources) -> Iterator[list]:
+        """One actor of `cls(*a)` per args tuple; a dead actor is restarted (`ray.retries` times)
+        and rebuilds itself in `__init__`. The actors are killed on exit, so their memory (a model,
+        an index) is back before the next stage starts."""
+        import ray
+
+        remote = ray.remote(**res.options(self.retries, actor=True))(cls)
+        pool = [remote.remote(*a) for a in args]
+        try:
+            yield pool
+        finally:
+            for a in pool:
+                ray.kill(a)
+
+    def map_actors(self, cls: type, args: tuple, count: int, res: Resources, call: Callable[[Any, Any], Any],
+                   items: Sequence, desc: str = "") -> list:
+        """Results of `call(actor, item)` for every item, in order, on `count` actors of `cls(*args)`,
+        each taking the next item when free."""
+        from ray.util import ActorPool
+
+        results = []
+        with self.actors(cls, [args] * count, res) as pool, _progress(len(items), desc) as bar, _unwrapped():
+            for out in ActorPool(pool).map(call, items):
+                bar.update(1)
+                results.append(out)
+        return results
+
+
+@contextmanager
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="shard", leave=False, disable=not desc) as bar:
+        yield bar

@@ -1,0 +1,83 @@
+"""manifest.json: what a run made, from what, with which settings, and every count.
+
+Built on the driver from the stages' typed results (negprep.results); the summary, the dataset
+card and the report are rebuilt from it alone.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from negprep import storage
+from negprep.report import histograms
+
+if TYPE_CHECKING:
+    from negprep.stages.base import Run
+
+VERSIONED = ("negprep", "ray", "pyarrow", "polars", "faiss-cpu", "transformers", "torch", "onnxruntime", "numpy",
+             "fsspec", "s3fs")
+
+
+def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
+    """The manifest of a run whose stages have all finished (secrets masked)."""
+    job, read, mine, batch = run.job, run.read, run.mine, run.batch
+    pspec, qspec = run.embed.passages.spec, run.embed.queries.spec
+    counts = dict(mine.counts)
+    if batch:
+        counts["rows_dropped_partial_batches"] = batch["rows_dropped"]
+        counts["rows"] = batch["rows_batched"]
+    manifest = {
+        "negprep_version": version("negprep"),
+        "created_unix": int(time.time()),
+        "output": job.output,
+        "format": job.format,
+        "data_files": sorted(f"data/{n}" for n in run.out.sub("data").ls(".parquet")),
+        "rows": counts.get("rows", 0),
+        "config": job.model_dump(mode="json") | {"storage": storage.redact_options(job.storage)},
+        "model": {
+            "resolved": pspec.model,
+            "fingerprint": pspec.fingerprint,
+            "pooling": pspec.pooling,
+            "passage_key": pspec.key(),
+            "query_key": qspec.key(),
+        },
+        "inputs": read.inputs,
+        "counts": {
+            "passages": read.passages,
+            "queries": read.queries,
+            "positives": read.positives,
+            "rejected_input_rows": read.rejected_rows,
+            **counts,
+        },
+        "scores": {k: quantiles(v) for k, v in mine.samples.items()},
+        # the report is rebuilt from these: fixed-bin histograms of the samples, exact count distributions
+        "histograms": histograms(mine.samples, mine.distributions),
+        "rejected_input_file": rejected_input_file,
+        "stages": {"embed": run.embed.stats, "search": run.search.stats,
+                   "guide": run.guide.stats if run.guide else None},
+        "dropped": job.dropped,
+        "clusters": run.cluster.stats if run.cluster else None,
+        "batches": batch,
+        "timings_s": run.timings,
+        "versions": {p: version(p) for p in VERSIONED} | {"python": platform.python_version()},
+    }
+    return storage.redact_obj(manifest)  # credentials in URLs, the job's secret values
+
+
+def quantiles(x: np.ndarray) -> dict[str, float] | None:
+    if len(x) == 0:
+        return None
+    q = np.quantile(np.asarray(x, dtype=np.float64), [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1])
+    return dict(zip(("min", "p05", "p25", "p50", "p75", "p95", "max"), (round(float(v), 4) for v in q), strict=True))
+
+
+def version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
