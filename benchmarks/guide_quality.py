@@ -78,10 +78,10 @@ def offline(cand_dir: Path, guide_dir: Path, rules: mining.Rules, use_guide: boo
         cand = pq.read_table(f)
         guide = pq.read_table(guide_dir / f.name) if use_guide else None
         mined, _ = mine_candidates(cand, rules, guide)
-        p = mined["pairs"]
-        for row, q in enumerate(p["q"]):
-            qid = mined["qids"][q]
-            out[qid] = [(mined["cids"][q][j], int(j)) for j in p["picked"][row] if j >= 0]
+        p = mined.pairs
+        for row, q in enumerate(p.q):
+            qid = mined.qids[q]
+            out[qid] = [(mined.cids[q][j], int(j)) for j in p.picked[row] if j >= 0]
     return out
 
 

@@ -88,10 +88,12 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     import ray
 
     from negprep.config import SearchConfig
+    from negprep.embeddings import table_vectors
+    from negprep.execution import Executor
     from negprep.paths import Folder
     from negprep.schemas import conform
-    from negprep.stages.embed import table_vectors
-    from negprep.stages.search import IndexShard, Piece, run_search
+    from negprep.shards import Shard
+    from negprep.stages.search import IndexShard, Piece, SearchInputs, search_all
 
     rng = np.random.default_rng(0)
     dim, n, nq, per_file = 384, args.search_corpus, args.search_queries, 20_000
@@ -110,11 +112,11 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for i, start in enumerate(range(0, n, per_file)):
         rows = min(per_file, n - start)
         write(pdir, f"c{i}.parquet", [f"d{start + j}" for j in range(rows)], vectors(rows))
-        corpus.append({"name": f"{i:05d}.parquet", "rows": rows, "digest": f"c{i}"})
+        corpus.append(Shard(f"{i:05d}.parquet", rows, rows, f"c{i}"))
     write(qdir, "q.parquet", [f"q{j}" for j in range(nq)], vectors(nq))
     base.write_parquet("qrels.parquet", pa.table({"query_id": [f"q{j}" for j in range(nq)], "doc_id": ["d0"] * nq}))
     out = []
-    pieces = tuple(Piece(f"c{i}.parquet", 0, c["rows"]) for i, c in enumerate(corpus))
+    pieces = tuple(Piece(f"c{i}.parquet", 0, c.rows) for i, c in enumerate(corpus))
     qvec = table_vectors(qdir.read_parquet("q.parquet"))[1]
     k = 51  # range_max 50 + one positive
     for index in ("flat", "ivf"):
@@ -148,10 +150,8 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20, log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        run_search(
-            SearchConfig(), (pdir, corpus), (qdir, [{"name": "q", "rows": nq, "digest": "q"}]),
-            (base, "qrels.parquet"), Folder(str(tmp / "stage")), 50,
-        )  # fmt: skip
+        inputs = SearchInputs(pdir, tuple(corpus), qdir, (Shard("q", nq, nq, "q"),), base.file("qrels.parquet"))
+        search_all(Executor(retries=3), SearchConfig(), inputs, Folder(str(tmp / "stage")), 50)
         secs = time.perf_counter() - t0
         out.append({"index": "flat", "stage_through_ray_s": round(secs, 2), "passages": n, "queries": nq})
         print(f"  whole search stage through Ray (flat, 1 index shard, 2 CPUs): {secs:.1f} s")

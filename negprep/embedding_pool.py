@@ -131,6 +131,6 @@ def ensure_exports(encoded: list[Encoded], force: bool = False) -> float | None:
         if force:
             spec.export.rm("_SUCCESS")
         if ensure_exported(spec, spec.export):
-            log.info("exported %s (%s) for onnxruntime in %.1f s", spec.model, spec.dtype, time.perf_counter() - t0)
+            log.info("exported %s (%s) for onnxruntime in %.1f s", spec.model_dir, spec.dtype, time.perf_counter() - t0)
         seconds = (seconds or 0.0) + time.perf_counter() - t0
     return None if seconds is None else round(seconds, 3)

@@ -45,28 +45,28 @@ def ensure_exported(spec, folder: Folder) -> bool:
     if folder.exists("_SUCCESS"):
         return False
     with tempfile.TemporaryDirectory(prefix="negprep-export-") as tmp:
-        args = [sys.executable, "-m", "negprep.export", spec.model, spec.dtype, str(spec.trust_remote_code), tmp]
+        args = [sys.executable, "-m", "negprep.export", spec.model_dir, spec.dtype, str(spec.trust_remote_code), tmp]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         done = subprocess.run(args, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise NegprepError(f"exporting {spec.model} to ONNX ({spec.dtype}) failed: {last}")
+            raise NegprepError(f"exporting {spec.model_dir} to ONNX ({spec.dtype}) failed: {last}")
         for name in FILES:
             folder.write_bytes(name, Path(tmp, name).read_bytes())
     folder.write_bytes("_SUCCESS", b"")
     return True
 
 
-def export(model: str, dtype: str, trust_remote_code: bool, out: str) -> None:
+def export(model_dir: str, dtype: str, trust_remote_code: bool, out: str) -> None:
     """Write `out`/model.onnx (token ids and mask in, last hidden states out), tokenizer.json
     and meta.json for a transformers encoder. Runs in the child process `ensure_exported` starts."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
-        raise NegprepError(f"{model}: onnxruntime needs a fast tokenizer (tokenizer.json); use runtime: torch")
-    encoder = AutoModel.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        raise NegprepError(f"{model_dir}: onnxruntime needs a fast tokenizer (tokenizer.json); use runtime: torch")
+    encoder = AutoModel.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                         attn_implementation="eager").eval()  # see the module's docstring
 
     class Hidden(torch.nn.Module):

@@ -40,7 +40,7 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
         "rows": counts.get("rows", 0),
         "config": job.model_dump(mode="json") | {"storage": storage.redact_options(job.storage)},
         "model": {
-            "resolved": pspec.model,
+            "resolved": pspec.model_dir,
             "fingerprint": pspec.fingerprint,
             "pooling": pspec.pooling,
             "passage_key": pspec.key(),

@@ -107,24 +107,24 @@ def check_compiler(setting: str) -> None:
                           f"g++, clang++, c++); install one (apt install g++) or set {setting}: false")
 
 
-def model_fingerprint(resolved: str) -> str:
+def model_fingerprint(model_dir: str) -> str:
     """Content hash of a model directory's weights and config (the hub id itself for remote models)."""
     h = hashlib.sha256()
-    if not os.path.isdir(resolved):
-        h.update(resolved.encode())
+    if not os.path.isdir(model_dir):
+        h.update(model_dir.encode())
         return h.hexdigest()[:16]
-    for p in sorted(Path(resolved).rglob("*")):
+    for p in sorted(Path(model_dir).rglob("*")):
         if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
-            h.update(p.relative_to(resolved).as_posix().encode())
+            h.update(p.relative_to(model_dir).as_posix().encode())
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 24):
                     h.update(chunk)
     return h.hexdigest()[:16]
 
 
-def detect_pooling(resolved: str) -> str:
+def detect_pooling(model_dir: str) -> str:
     """Pooling from a sentence-transformers `1_Pooling/config.json`; mean when there is none."""
-    cfg = Path(resolved) / "1_Pooling" / "config.json"
+    cfg = Path(model_dir) / "1_Pooling" / "config.json"
     if cfg.exists():
         c = json.loads(cfg.read_text())
         if c.get("pooling_mode_cls_token"):
@@ -138,7 +138,7 @@ def detect_pooling(resolved: str) -> str:
 class EncoderSpec:
     """Everything that determines an embedding: the cache key is derived from it."""
 
-    model: str  # resolved directory or hub id
+    model_dir: str  # where the job's model name resolved to: a directory, or a hub id
     fingerprint: str
     pooling: str
     max_length: int
@@ -161,12 +161,12 @@ class EncoderSpec:
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
-def encoder_specs(resolved: str, cfg, work: Folder | None = None) -> tuple[EncoderSpec, EncoderSpec]:
+def encoder_specs(model_dir: str, cfg, work: Folder | None = None) -> tuple[EncoderSpec, EncoderSpec]:
     """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg`; with
     runtime onnxruntime, the specs name the export's folder under `work` (negprep.export)."""
-    fp = model_fingerprint(resolved)
-    pooling = detect_pooling(resolved) if cfg.pooling == "auto" else cfg.pooling
-    common = (resolved, fp, pooling, cfg.max_length, cfg.normalize)
+    fp = model_fingerprint(model_dir)
+    pooling = detect_pooling(model_dir) if cfg.pooling == "auto" else cfg.pooling
+    common = (model_dir, fp, pooling, cfg.max_length, cfg.normalize)
     rest = (cfg.trust_remote_code, getattr(cfg, "dtype", "float32"), getattr(cfg, "compile", False),
             getattr(cfg, "runtime", "torch"))
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
@@ -199,9 +199,9 @@ class Encoder:
         self.spec = spec
         self.torch = torch
         kw = {"trust_remote_code": spec.trust_remote_code}
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, **kw)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir, **kw)
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-        self.model = AutoModel.from_pretrained(spec.model, dtype=dtype, **kw).eval()
+        self.model = AutoModel.from_pretrained(spec.model_dir, dtype=dtype, **kw).eval()
         if spec.dtype == "int8":
             from negprep.quantize import quantize_linears
 
@@ -312,7 +312,7 @@ class OnnxEncoder(Encoder):
         self.spec = spec
         folder = spec.export
         if folder is None:
-            raise ValueError(f"{spec.model}: an onnxruntime encoder needs its export (negprep.export.ensure_exported)")
+            raise ValueError(f"{spec.model_dir}: an onnxruntime encoder needs its export (export.ensure_exported)")
         meta = folder.read_json("meta.json")
         self.pad_id, self.dim = meta["pad_id"], meta["dim"]
         self.tokenizer = Tokenizer.from_str(folder.read_bytes("tokenizer.json").decode())

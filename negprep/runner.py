@@ -36,6 +36,7 @@ def check_job(job: Job) -> None:
 def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
     """Run a validated job end to end; returns the manifest written next to the output."""
     storage.remember_secrets(job.model_dump(mode="json"))  # masked in every message and log line from now on
+    check_job(job)
     out, work = Folder(job.output, job.storage), Folder(job.work, job.storage)
     # an unreachable endpoint, a missing bucket or no write permission: one line before any work
     for role, folder in (("output", out), ("work_dir", work), ("dropped", job.dropped and Folder(job.dropped,
@@ -43,7 +44,6 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
         if folder:
             folder.check_writable(role)
     check_output(out, overwrite)
-    check_job(job)
     execution.start_ray(job.ray.address, job.ray.num_cpus, job.ray.object_store_mb)
     run = Run(job, work, out, Executor(job.ray.retries), overwrite, cpus=execution.cluster_cpus())
     forced = set(NAMES[NAMES.index(redo):]) if redo else set()

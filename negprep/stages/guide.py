@@ -226,8 +226,9 @@ class Guide(Stage):
             # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
             rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
             where = CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window)
-            run.ex.map_actors(ShardCrossScorer, (pspec.model, g.max_length, threads, rows, g.trust_remote_code, where),
-                              actors, Resources(cpus=threads), lambda a, n: a.score_shard.remote(n), todo, desc="guide")
+            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where)
+            run.ex.map_actors(ShardCrossScorer, args, actors, Resources(cpus=threads),
+                              lambda a, n: a.score_shard.remote(n), todo, desc="guide")
             return
         passages = Encoded(pspec, work.sub("embeddings", pspec.key()))
         queries = Encoded(qspec, work.sub("embeddings", qspec.key()))
