@@ -90,10 +90,11 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from negprep.config import SearchConfig
     from negprep.embeddings import table_vectors
     from negprep.execution import Executor
+    from negprep.index import IndexShard, Piece
     from negprep.paths import Folder
     from negprep.schemas import conform
     from negprep.shards import Shard
-    from negprep.stages.search import IndexShard, Piece, SearchInputs, search_all
+    from negprep.stages.search import SearchInputs, search_all
 
     rng = np.random.default_rng(0)
     dim, n, nq, per_file = 384, args.search_corpus, args.search_queries, 20_000

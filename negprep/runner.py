@@ -39,10 +39,10 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
     check_job(job)
     out, work = Folder(job.output, job.storage), Folder(job.work, job.storage)
     # an unreachable endpoint, a missing bucket or no write permission: one line before any work
-    for role, folder in (("output", out), ("work_dir", work), ("dropped", job.dropped and Folder(job.dropped,
-                                                                                                  job.storage))):
-        if folder:
-            folder.check_writable(role)
+    out.check_writable("output")
+    work.check_writable("work_dir")
+    if job.dropped:
+        Folder(job.dropped, job.storage).check_writable("dropped")
     check_output(out, overwrite)
     execution.start_ray(job.ray.address, job.ray.num_cpus, job.ray.object_store_mb)
     run = Run(job, work, out, Executor(job.ray.retries), overwrite, cpus=execution.cluster_cpus())
@@ -56,7 +56,10 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
 @contextmanager
 def _timed(run: Run, stage: Stage):
     t0 = time.perf_counter()
-    log.info("stage %s: started", stage.name)
+    if log.isEnabledFor(logging.INFO):
+        asks = ", ".join(f"{k}: {v.cpus:g} CPU" + (f", {v.gpus:g} GPU" if v.gpus else "") +
+                         (f", {v.memory >> 20} MB" if v.memory else "") for k, v in stage.resources(run).items())
+        log.info("stage %s: started%s", stage.name, f" ({asks})" if asks else "")
     yield
     run.timings[stage.name] = round(time.perf_counter() - t0, 3)
     log.info("stage %s: done in %.1f s", stage.name, run.timings[stage.name])

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from negprep import execution
+from negprep import execution, index
 from negprep.config import SearchConfig, parse_job
 from negprep.execution import Executor
 from negprep.paths import Folder
@@ -107,18 +107,18 @@ def _brute_force(v, range_max: int) -> list[tuple[list[str], list[float]]]:
 
 
 def test_plan_shards_balances_and_splits_files():
-    shards = search.plan_shards([("a", 5), ("b", 10), ("c", 1)], 6)
+    shards = index.plan_shards([("a", 5), ("b", 10), ("c", 1)], 6)
     assert [sum(p.stop - p.start for p in s) for s in shards] == [6, 6, 4]
-    assert shards[0] == (search.Piece("a", 0, 5), search.Piece("b", 0, 1))
-    assert search.plan_shards([], 10) == []
+    assert shards[0] == (index.Piece("a", 0, 5), index.Piece("b", 0, 1))
+    assert index.plan_shards([], 10) == []
 
 
 def test_top_k_breaks_ties_by_id():
     scores = np.array([[0.5, 0.9, 0.5, 0.5, -np.inf]], np.float32)
     ids = np.array([["c", "z", "a", "b", None]], dtype=object)
-    s, i = search.top_k(scores, ids, 3)
+    s, i = index.top_k(scores, ids, 3)
     assert i.tolist() == [["z", "a", "b"]] and s.tolist() == [[pytest.approx(0.9), 0.5, 0.5]]
-    s, i = search.top_k(scores, ids, 7)  # padded
+    s, i = index.top_k(scores, ids, 7)  # padded
     assert i.tolist() == [["z", "a", "b", "c", None, None, None]]
 
 

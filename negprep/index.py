@@ -1,0 +1,205 @@
+"""Index shards: one slice of the corpus embeddings in a Ray actor, answering exact or approximate top-k.
+
+The search stage cuts the corpus embedding files into index shards sized by `search.shard_mb`
+(`plan_shards`, `bytes_per_row`). An `IndexShard` loads its rows once and answers top-k calls.
+Scores are recomputed exactly (float64 dot product, rounded to float32) and ties are broken by
+passage id (`top_k`), so merging the shards' top-k gives the candidates of one exact index over
+the whole corpus. `ivf` and `hnsw` build an approximate faiss index per shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from negprep.config import SearchConfig
+from negprep.embeddings import table_vectors
+from negprep.paths import Folder
+
+log = logging.getLogger(__name__)
+
+SLACK = 16  # extra neighbours fetched per shard before exact rescoring, so rounding never cuts a near-tie
+ID_BYTES = 200  # memory per passage for its id: a str in an object array plus the id -> row dict entry
+U32 = 2.0**-24  # float32 unit roundoff: a float32 dot product of d terms is off by at most ~d * U32 * |q| |c|
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one corpus embedding file: index shards are lists of pieces."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def bytes_per_row(dim: int, cfg: SearchConfig) -> int:
+    """Memory an index shard needs per passage; `search.shard_mb` is divided by it."""
+    vec = 4 * dim
+    # ivf/hnsw keep their own copy of the vectors beside the matrix used for exact rescoring
+    extra = {"flat": 0, "ivf": vec + 8, "hnsw": vec + 10 * cfg.hnsw_m}[cfg.index]
+    return vec + ID_BYTES + extra
+
+
+def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[tuple[Piece, ...]]:
+    """Cut (file, rows) into consecutive index shards of at most `rows_per_shard` rows each,
+    splitting files where needed, sizes balanced (the last shard is not a small remainder)."""
+    total = sum(rows for _, rows in files)
+    if total == 0:
+        return []
+    size = math.ceil(total / math.ceil(total / rows_per_shard))
+    shards: list[tuple[Piece, ...]] = []
+    current: list[Piece] = []
+    room = size
+    for name, rows in files:
+        start = 0
+        while start < rows:
+            take = min(room, rows - start)
+            current.append(Piece(name, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(tuple(current))
+                current, room = [], size
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best entries of (rows, m) scores/ids by (score desc, id asc).
+
+    Pads with -inf / None when a row has fewer than k. Equal scores are ordered by id, so the
+    result does not depend on the order in which shards or batches delivered them.
+    """
+    b, m = scores.shape
+    if m < k:
+        scores = np.concatenate([scores, np.full((b, k - m), -np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((b, k - m), None, dtype=object)], axis=1)
+        m = k
+    if k == 0:
+        return scores[:, :0], ids[:, :0]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=1)
+    edge = min(k + 1, m)
+    tied = ((ranked[:, 1:edge] == ranked[:, : edge - 1]) & np.isfinite(ranked[:, 1:edge])).any(axis=1)
+    top = order[:, :k].copy()
+    for r in np.nonzero(tied)[0]:  # rare: ties inside or at the edge of the top k
+        top[r] = _by_score_then_id(scores[r], ids[r], ranked[r, k - 1])[:k]
+    return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
+
+
+def _by_score_then_id(scores: np.ndarray, ids: np.ndarray, floor: float) -> list[int]:
+    cand = np.nonzero(scores >= floor)[0]
+    return sorted(cand.tolist(), key=lambda j: (-scores[j], ids[j] or ""))
+
+
+def _dot64(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Row-wise dot products in float64, rounded to float32: the same value for a (query, passage)
+    pair whatever batch or shard computed it (pairwise sum over a fixed-length axis)."""
+    return (q.astype(np.float64) * v.astype(np.float64)).sum(axis=-1).astype(np.float32)
+
+
+class IndexShard:
+    """Ray actor: one index shard in memory (exact matrix, plus an ivf/hnsw index if asked for).
+
+    A restarted actor (after its worker died) rebuilds itself from storage in `__init__`.
+    """
+
+    def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        vecs = None
+        for p in pieces:
+            got, mat = table_vectors(folder.read_parquet(p.name).slice(p.start, p.stop - p.start))
+            if vecs is None:  # filled piece by piece: the peak is the matrix plus one file, not twice the shard
+                vecs = np.empty((sum(x.stop - x.start for x in pieces), mat.shape[1]), dtype=np.float32)
+            vecs[len(ids) : len(ids) + len(got)] = mat
+            ids += got
+        self.vecs = vecs
+        self.ids = np.array(ids, dtype=object)
+        self.row = {d: r for r, d in enumerate(ids)}
+        self.dim = self.vecs.shape[1]
+        self.max_norm = float(np.sqrt(np.einsum("ij,ij->i", self.vecs, self.vecs).max())) * 1.001
+        self.cfg = cfg
+        self.index = _build_index(self.vecs, cfg) if cfg.index != "flat" else None
+        log.info("index shard: %d rows, %s, built in %.1f s", len(ids), cfg.index, time.perf_counter() - t0)
+
+    def search(
+        self, q: np.ndarray, k: int, positives: list[tuple[int, str]], exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, float]]]:
+        """Top k of this shard per query row as (scores, ids), by (score desc, id asc), and the
+        scores of the (row, passage id) positives that live in this shard."""
+        if self.index is None or exact:
+            scores, ids = self._exact(q, k)
+        else:
+            scores, ids = self._approximate(q, k)
+        found = [(row, d, r) for row, d in positives if (r := self.row.get(d)) is not None]
+        pos = _dot64(q[[f[0] for f in found]], self.vecs[[f[2] for f in found]]) if found else []
+        return scores, ids, [(row, d, float(s)) for (row, d, _), s in zip(found, pos, strict=True)]
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        step = max(1, 4_000_000 // max(1, rows.shape[1] * self.dim))  # bounded float64 temporaries
+        for i in range(0, len(q), step):
+            r = rows[i : i + step]
+            s = _dot64(q[i : i + step, None, :], self.vecs[np.maximum(r, 0)])
+            out[i : i + step] = np.where(r >= 0, s, -np.inf)
+        return out, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], None)
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        n = len(self.ids)
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), None, dtype=object)
+        todo = np.arange(len(q))
+        want = min(n, k + SLACK)
+        qnorm = np.linalg.norm(q, axis=1).astype(np.float64)
+        while len(todo):
+            d_faiss, rows = faiss.knn(np.ascontiguousarray(q[todo]), self.vecs, want, metric=faiss.METRIC_INNER_PRODUCT)
+            s, ids = top_k(*self._rescore(q[todo], rows), k)
+            if want >= n:
+                done = np.ones(len(todo), dtype=bool)
+            else:
+                # a row faiss did not return scores at most its last score plus the rounding bound;
+                # if that could still reach the k-th exact score (or tie it), fetch more neighbours
+                eps = self.dim * U32 * 1.01 * qnorm[todo] * self.max_norm
+                done = d_faiss[:, -1].astype(np.float64) + eps < np.nextafter(s[:, k - 1], -np.inf)
+            out_s[todo[done]], out_i[todo[done]] = s[done], ids[done]
+            todo, want = todo[~done], min(n, want * 4)
+        return out_s, out_i
+
+    def _approximate(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        want = min(len(self.ids), k + SLACK)
+        if self.cfg.index == "hnsw":
+            self.index.hnsw.efSearch = max(self.cfg.hnsw_ef_search, want)
+        _, rows = self.index.search(np.ascontiguousarray(q), want)
+        return top_k(*self._rescore(q, rows), k)
+
+
+def _build_index(vecs: np.ndarray, cfg: SearchConfig) -> Any:
+    import faiss
+
+    n, d = vecs.shape
+    if cfg.index == "ivf":
+        # faiss wants >= 39 training points per list; training uses <= 64 points per list
+        nlist = max(1, min(cfg.ivf_nlist or int(4 * math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = 64
+        index.train(vecs)
+        index.add(vecs)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+        return index
+    index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = cfg.hnsw_ef_construction
+    index.add(vecs)
+    return index
