@@ -14,11 +14,10 @@ import traceback
 from negprep import storage
 from negprep.errors import NegprepError
 
-# the stages' names, without importing them (and torch, pyarrow, ...) for `--help`
-NAMES = ("read", "embed", "search", "guide", "cluster", "mine", "batch", "publish")
-
 
 def _parser() -> argparse.ArgumentParser:
+    from negprep.stages import NAMES
+
     p = argparse.ArgumentParser(prog="negprep", description="Mine hard negatives into Parquet training data.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job file")
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_check(args.job, job, check_inputs(job)))
             return 0
         from negprep.runner import run_job
+        from negprep.stages import NAMES
         from negprep.summary import format_summary
 
         manifest = run_job(job, overwrite=args.overwrite, redo=NAMES[0] if args.force else args.redo)

@@ -68,7 +68,9 @@ def test_every_stage_is_reused_without_force_and_recomputed_from_the_named_stage
 def test_from_choices_are_the_stages(tmp_path, monkeypatch):
     from negprep import cli
 
-    assert cli.NAMES == NAMES == tuple(s.name for s in STAGES)
+    assert tuple(s.name for s in STAGES) == NAMES
+    with pytest.raises(SystemExit):
+        cli.main(["run", "job.yaml", "--from", "nonsense"])  # argparse refuses a name that is no stage
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps({"input": str(tmp_path), "output": str(tmp_path / "out")}))
     calls = []
