@@ -8,7 +8,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench
+TRAINERS ?= .venv-trainers
+TPIP := $(TRAINERS)/bin/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install trainers demo test lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,11 +26,22 @@ install: $(VENV)/.installed
 	# headless Chromium renders report.html in tests/test_report.py (Debian's package; needs root or sudo)
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# FlagEmbedding needs transformers<5: the tests that train FlagEmbedding and Tevatron (its source
+# from ../shared/third_party) on negprep's exports run in an environment of their own
+$(TRAINERS)/.installed: constraints-trainers.txt
+	python3 -m venv $(TRAINERS)
+	$(TPIP) torch==2.13.0
+	$(TPIP) -c constraints-trainers.txt transformers datasets accelerate peft pillow
+	$(TPIP) -c constraints-trainers.txt --no-deps FlagEmbedding
+	touch $@
+
+trainers: $(TRAINERS)/.installed
+
 demo: install
 	$(VENV)/bin/negprep run jobs/demo.yaml --overwrite
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+test: install trainers
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check negprep tests benchmarks

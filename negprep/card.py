@@ -63,6 +63,15 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
     configs: list[dict] = [
         {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}], "default": True}
     ]
+    negatives = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
+    text_cols = ["query", "positive", *negatives]
+    data = [{"split": "train", "path": "data/*.parquet"}]
+    # configs that select columns: straight into sentence-transformers' losses, no select_columns or map
+    configs.append({"config_name": "mnrl", "data_files": data, "columns": text_cols})
+    configs.append({"config_name": "distill", "data_files": data, "columns": [*text_cols, "scores"]})
+    exports = m.get("exports") or {}
+    if "tevatron" in exports:
+        configs.append({"config_name": "tevatron", "data_files": [{"split": "train", "path": "tevatron/*.parquet"}]})
     if rejected:
         configs.append({"config_name": "rejected_input", "data_files": [{"split": "train", "path": rejected}]})
     front = {
@@ -90,11 +99,7 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         if cfg.get(k) is not None
     ]
     guide = cfg.get("guide")
-    text_cols = (
-        ["query", "positive", "negative"]
-        if fmt == "triplet"
-        else (["query", "positive"] + [f"negative_{i}" for i in range(1, n + 1)])
-    )
+    teacher = m.get("teacher") or {}
     out_path = m.get("output", "OUTPUT")
     lines = [
         "---",
@@ -117,7 +122,11 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         + ".",
     ]
     if guide:
-        lines.append(f"- A guide model `{_md(guide.get('model'))}` vetted the candidates and gave teacher scores.")
+        lines.append(f"- A guide model `{_md(guide.get('model'))}` vetted the candidates.")
+    if teacher:
+        lines.append(f"- Teacher scores (`scores`, and the grouped exports' scores) are the {teacher.get('role')} "
+                     f"model's (`{_md(teacher.get('model'))}`): inner products of normalised embeddings"
+                     f"{' or cross-encoder probabilities' if teacher.get('type') == 'crossencoder' else ''}.")
     lines += [
         f"- Made by negprep {m.get('negprep_version') or ''} on {when}; the full configuration, input checksums "
         "and package versions are in `manifest.json`, plots in `report.html`.",
@@ -178,15 +187,56 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         "# or, thanks to this card's `configs`, from the folder or a Hub repository holding it:",
         f'# ds = datasets.load_dataset("{out_path}", split="train")',
         "",
-        "# sentence-transformers passes every column except label/score to the loss, in order:",
-        f"train = ds.select_columns({text_cols!r})",
+        "# the card's configs select columns for sentence-transformers' losses:",
+        f'mnrl = datasets.load_dataset("{out_path}", "mnrl", split="train")        # MultipleNegativesRankingLoss',
+        f'distill = datasets.load_dataset("{out_path}", "distill", split="train")  # MarginMSELoss, DistillKLDivLoss',
         "```",
         "",
-        "The text columns come first, in the order sentence-transformers' MultipleNegativesRankingLoss "
-        "expects; the id, score and rank columns tell where every negative came from.",
+        f"`mnrl` holds {', '.join(f'`{c}`' for c in text_cols)}, in the order MultipleNegativesRankingLoss expects; "
+        "`distill` adds `scores` = [teacher(query, positive), teacher(query, negative), ...], the labels of "
+        "MarginMSELoss and DistillKLDivLoss. The id, score and rank columns of `default` tell where every negative "
+        "came from.",
         "",
     ]
+    lines += _exports_section(m, out_path, n)
     return "\n".join(lines)
+
+
+def _exports_section(m: dict, out_path: str, n: int) -> list[str]:
+    """How to train on the grouped exports, with the advice their trainers need."""
+    exports = m.get("exports") or {}
+    if not exports:
+        return []
+    lines = ["## Grouped exports", "",
+             "One row per query, with every positive and the query's negatives (each passage once, nearest first):", "",
+             "| export | files | queries | positives | negatives | negatives shared by positives (written once) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, e in exports.items():
+        lines.append(f"| {name} | `{e['path']}/` | {e['queries']:,} | {e['positives']:,} | {e['negatives']:,} | "
+                     f"{e['negatives_merged']:,} |")
+    lines.append("")
+    if "flagembedding" in exports:
+        temp = (m.get("config") or {}).get("export", {}).get("flagembedding_temperature")
+        lines += [
+            f"- FlagEmbedding: `--train_data {out_path}/flagembedding` (JSONL with `query`, `pos`, `neg`, "
+            "`pos_scores`, `neg_scores`); add `--knowledge_distillation true` to train on the teacher scores. "
+            "FlagEmbedding applies a softmax to `pos_scores`/`neg_scores` with no temperature, so raw cosine "
+            "scores give nearly flat targets: "
+            + (f"these are divided by {temp} (`export.flagembedding_temperature`)." if temp else
+               "these are raw; set `export.flagembedding_temperature` (e.g. 0.05) to sharpen them."),
+            "  FlagEmbedding needs `transformers<5`: run it in an environment of its own.",
+        ]
+    if "tevatron" in exports:
+        lines.append(f"- Tevatron: `--dataset_name {out_path} --dataset_config tevatron` (or `--dataset_name parquet "
+                     f"--dataset_path '{out_path}/tevatron/*.parquet'`), for `driver.train` and `driver.train_distil` "
+                     "(every passage has its `score`).")
+    lines += [
+        f"- Both default to `train_group_size` 8 and repeat negatives when a query has fewer than "
+        f"train_group_size - 1: this data has up to {n} per (query, positive), so pass "
+        f"`--train_group_size {n + 1}` or less, or mine with `num_negatives` >= train_group_size - 1.",
+        "",
+    ]
+    return lines
 
 
 def write_card(out: Folder, manifest: dict) -> str:

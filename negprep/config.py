@@ -162,6 +162,16 @@ class ClusterConfig(_Strict):
     threads: int = Field(0, ge=0, description="faiss threads of the training task; 0 = the largest node's CPUs")
 
 
+class ExportConfig(_Strict):
+    """Settings of the grouped exports (`exports`)."""
+
+    prompt: str = Field("", description="FlagEmbedding's per-query instruction (`prompt`), written when set")
+    flagembedding_temperature: float | None = Field(
+        None, gt=0, description="divide FlagEmbedding's pos_scores/neg_scores by this: FlagEmbedding softmaxes "
+        "teacher scores with no temperature, so raw cosine scores give nearly flat targets (0.05 sharpens them as "
+        "sentence-transformers' DistillKLDivLoss does by default); null: raw scores")
+
+
 class RayConfig(_Strict):
     """Where the job runs. No address and no RAY_ADDRESS: a local Ray sized for this machine."""
 
@@ -212,6 +222,10 @@ class Job(_Strict):
 
     guide: GuideConfig | None = None
     dropped: str | None = Field(None, description="write the dropped candidates, with rule and scores, here")
+    exports: list[Literal["flagembedding", "tevatron"]] = Field(
+        default_factory=list, description="grouped exports next to data/: one row per query, for FlagEmbedding "
+        "(flagembedding/*.jsonl) and Tevatron (tevatron/*.parquet)")
+    export: ExportConfig = ExportConfig()
 
     read: ReadConfig = ReadConfig()
     embed: EmbedConfig = EmbedConfig()

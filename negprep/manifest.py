@@ -61,12 +61,22 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
         "stages": {"embed": run.embed.stats, "search": run.search.stats,
                    "guide": run.guide.stats if run.guide else None},
         "dropped": job.dropped,
+        "teacher": teacher(job),
+        "exports": {name: {"path": name, "files": sorted(f"{name}/{f}" for f in run.out.sub(name).ls()),
+                           **mine.grouped} for name in job.exports},
         "clusters": run.cluster.stats if run.cluster else None,
         "batches": batch,
         "timings_s": run.timings,
         "versions": {p: version(p) for p in VERSIONED} | {"python": platform.python_version()},
     }
     return storage.redact_obj(manifest)  # credentials in URLs, the job's secret values
+
+
+def teacher(job) -> dict:
+    """Whose scores the `scores` column and the grouped exports hold: the guide's, else the mining model's."""
+    if job.guide:
+        return {"role": "guide", "model": job.guide.model, "type": job.guide.type}
+    return {"role": "mining", "model": job.model, "type": "biencoder"}
 
 
 def quantiles(x: np.ndarray) -> dict[str, float] | None:

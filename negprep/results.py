@@ -103,14 +103,20 @@ class MineResult:
     counts: dict[str, int] = field(default_factory=dict)
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     distributions: dict[str, list[int]] = field(default_factory=dict)
+    grouped: dict[str, int] = field(default_factory=dict)  # the grouped exports' counts (negprep.exports)
 
     @classmethod
     def merge(cls, parts: list[MineResult]) -> MineResult:
-        counts: dict[str, int] = {}
-        for p in parts:
-            for k, v in p.counts.items():
-                if k != "seconds":
-                    counts[k] = counts.get(k, 0) + v
+        counts, grouped = _sum([p.counts for p in parts]), _sum([p.grouped for p in parts])
         keys = parts[0].samples if parts else {}
         samples = {k: np.concatenate([p.samples[k] for p in parts]) for k in keys}
-        return cls(counts, samples, merge_distributions([p.distributions for p in parts]))
+        return cls(counts, samples, merge_distributions([p.distributions for p in parts]), grouped)
+
+
+def _sum(parts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.items():
+            if k != "seconds":
+                out[k] = out.get(k, 0) + v
+    return out

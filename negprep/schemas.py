@@ -21,6 +21,8 @@ _TYPES = {
     "list<string>": pa.list_(pa.string()),
     "list<float32>": pa.list_(pa.float32()),
     "list<int32>": pa.list_(pa.int32()),
+    # a passage of a grouped export (Tevatron's layout)
+    "list<passage>": pa.list_(pa.struct([("docid", pa.string()), ("text", pa.string()), ("score", pa.float32())])),
 }
 
 

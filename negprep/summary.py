@@ -60,7 +60,12 @@ def format_summary(m: dict) -> str:
         )
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
-    lines.append(f'  load: datasets.load_dataset("parquet", data_files="{m["output"]}/data/*.parquet", split="train")')
+    for name, e in (m.get("exports") or {}).items():
+        lines.append(f"  export {name}: {m['output']}/{e['path']}/ ({_n(e['queries'])} queries, "
+                     f"{_n(e['positives'])} positives, {_n(e['negatives'])} negatives)")
+    if m.get("teacher"):
+        lines.append(f"  teacher scores (`scores`): the {m['teacher']['role']} model, {m['teacher']['model']}")
+    lines.append(f'  load: datasets.load_dataset("{m["output"]}", "mnrl", split="train")  (or "distill", "default")')
     return "\n".join(lines)
 
 

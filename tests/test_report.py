@@ -138,6 +138,7 @@ def _fake_output(tmp_path: Path, m: dict) -> Path:
         rows["positive_score"].append(0.8)
         rows["negative_score"].append(0.5)
         rows["negative_rank"].append(i)
+        rows["scores"].append([0.8, 0.5])
     (out / "data").mkdir(parents=True)
     pq.write_table(pa.table(rows, schema=schema("triplet")), out / m["data_files"][0])
     (out / "rejected").mkdir()
@@ -163,13 +164,18 @@ def test_dataset_card_front_matter_loads_with_datasets(tmp_path):
     assert ds.num_rows == 6 and ds.column_names[:3] == ["query", "positive", "negative"]
     rej = datasets.load_dataset(str(out), "rejected_input", split="train")
     assert rej.num_rows == 1
+    distill = datasets.load_dataset(str(out), "distill", split="train")
+    assert distill.column_names == ["query", "positive", "negative", "scores"]
 
 
 def test_card_lists_ntuple_columns_and_size_categories():
     m = _manifest() | {"format": "ntuple"}
     text = dataset_card(m)
     assert "| `negative_3_rank` | int32 |" in text and "negative_4" not in text
-    assert "['query', 'positive', 'negative_1', 'negative_2', 'negative_3']" in text
+    front = yaml.safe_load(text.split("---\n")[1])
+    columns = {c["config_name"]: c.get("columns") for c in front["configs"]}
+    assert columns["mnrl"] == ["query", "positive", "negative_1", "negative_2", "negative_3"]
+    assert columns["distill"] == [*columns["mnrl"], "scores"]
     assert [size_category(n) for n in (0, 999, 1000, 2_500_000)] == ["n<1K", "n<1K", "1K<n<10K", "1M<n<10M"]
 
 

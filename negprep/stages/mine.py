@@ -21,6 +21,7 @@ import pyarrow as pa
 from negprep import mining
 from negprep.config import Job
 from negprep.execution import Resources
+from negprep.exports import write_exports
 from negprep.output import prepare_output
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import MineResult
@@ -169,50 +170,37 @@ def dropped_rows(mined: Mined) -> pa.Table:
 
 
 def rows_for_output(mined: Mined, fmt: str, n: int) -> dict[str, list]:
-    """Output columns (ids, scores, ranks; texts filled later) for `triplet` or `ntuple`."""
-    p = mined.pairs
-    qids, cids, scores, guide = mined.qids, mined.cids, mined.scores, mined.guide
-    with_guide = guide is not None
-    if fmt == "triplet":
-        names = ["query_id", "positive_id", "negative_id", "positive_score", "negative_score", "negative_rank"]
-        cols: dict[str, list] = {c: [] for c in names + (["positive_guide_score", "negative_guide_score"]
-                                                         if with_guide else [])}
-        for row, q in enumerate(p.q):
-            for j in p.picked[row]:
-                if j < 0:
-                    continue
-                cols["query_id"].append(qids[q])
-                cols["positive_id"].append(p.pid[row])
-                cols["negative_id"].append(cids[q][j])
-                cols["positive_score"].append(p.pscore[row])
-                cols["negative_score"].append(scores[q, j])
-                cols["negative_rank"].append(int(j))
-                if with_guide:
-                    cols["positive_guide_score"].append(p.pguide[row])
-                    cols["negative_guide_score"].append(guide[q, j])
-        return cols
-    cols = {"query_id": [], "positive_id": [], "positive_score": []}
+    """Output columns (ids, scores, ranks, teacher `scores`; texts filled later) for `triplet` or
+    `ntuple`. The teacher is the guide when there is one, else the mining model."""
+    p, qids, cids = mined.pairs, mined.qids, mined.cids
+    with_guide = mined.guide is not None
+    teacher, pteacher = (mined.guide, p.pguide) if with_guide else (mined.scores, p.pscore)
+    # one output row per (pair, negatives): a negative each for triplet, all n for ntuple
+    picks = [(row, [j]) for row in range(len(p.q)) for j in p.picked[row] if j >= 0] if fmt == "triplet" else [
+        (row, list(p.picked[row])) for row in range(len(p.q)) if (p.picked[row] >= 0).all()]  # short pairs: counted
+    names = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
+    cols: dict[str, list] = {"query_id": [], "positive_id": [], "positive_score": []}
     if with_guide:
         cols["positive_guide_score"] = []
-    for i in range(1, n + 1):
-        cols |= {f"negative_{i}_id": [], f"negative_{i}_score": [], f"negative_{i}_rank": []}
+    for name in names:
+        cols |= {f"{name}_id": [], f"{name}_score": [], f"{name}_rank": []}
         if with_guide:
-            cols[f"negative_{i}_guide_score"] = []
-    for row, q in enumerate(p.q):
-        picked = p.picked[row]
-        if (picked < 0).any():
-            continue  # an n-tuple needs all n negatives; the pair is counted in pairs_short
+            cols[f"{name}_guide_score"] = []
+    cols["scores"] = []
+    for row, js in picks:
+        q = p.q[row]
         cols["query_id"].append(qids[q])
         cols["positive_id"].append(p.pid[row])
         cols["positive_score"].append(p.pscore[row])
         if with_guide:
             cols["positive_guide_score"].append(p.pguide[row])
-        for i, j in enumerate(picked, 1):
-            cols[f"negative_{i}_id"].append(cids[q][j])
-            cols[f"negative_{i}_score"].append(scores[q, j])
-            cols[f"negative_{i}_rank"].append(int(j))
+        for name, j in zip(names, js, strict=True):
+            cols[f"{name}_id"].append(cids[q][j])
+            cols[f"{name}_score"].append(mined.scores[q, j])
+            cols[f"{name}_rank"].append(int(j))
             if with_guide:
-                cols[f"negative_{i}_guide_score"].append(guide[q, j])
+                cols[f"{name}_guide_score"].append(mined.guide[q, j])
+        cols["scores"].append([float(pteacher[row]), *(float(teacher[q, j]) for j in js)])
     return cols
 
 
@@ -229,6 +217,9 @@ class MineTask:
     guide: File | None = None  # the shard's guide scores (schemas/guide_scores.yaml)
     dropped: File | None = None  # the audit of dropped candidates
     clusters: File | None = None  # the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`
+    exports: tuple[str, ...] = ()  # grouped exports, written to `export_to`/<export>/ (negprep.exports)
+    export_to: Folder | None = None
+    export_settings: dict | None = None
 
 
 def mine_shard(task: MineTask) -> MineResult:
@@ -260,9 +251,14 @@ def mine_shard(task: MineTask) -> MineResult:
     task.dst.write_parquet(table)
     if task.dropped:
         task.dropped.write_parquet(dropped_rows(mined))
+    grouped = {}
+    if task.exports:
+        stem = task.dst.name.removesuffix(".parquet")
+        grouped = write_exports(task.export_to, list(task.exports), stem, table, task.fmt, rules.num_negatives,
+                                task.export_settings or {})
     counts["rows"] = table.num_rows
     counts["seconds"] = round(time.perf_counter() - t0, 3)
-    return MineResult(counts, score_samples(mined), count_distributions(mined))
+    return MineResult(counts, score_samples(mined), count_distributions(mined), grouped)
 
 
 def count_distributions(mined: Mined) -> dict[str, list[int]]:
@@ -329,7 +325,8 @@ class Mine(Stage):
                       dst.file(f"train-{i:05d}-of-{n:05d}.parquet"), r, job.format,
                       guide=run.guide.file(s) if run.guide else None,
                       dropped=audit.file(f"part-{i:05d}.parquet") if audit else None,
-                      clusters=run.cluster.file(s) if run.cluster else None),)
+                      clusters=run.cluster.file(s) if run.cluster else None, exports=tuple(job.exports),
+                      export_to=run.out, export_settings=job.export.model_dump()),)
             for i, s in enumerate(read.query_shards)
         ]
         run.mine = MineResult.merge(run.ex.map(mine_shard, tasks, self.resources(run)["miner"], desc="mine"))
