@@ -23,6 +23,7 @@ import polars as pl
 from negprep.config import Job, PairsInput
 from negprep.errors import InputError
 from negprep.inputs import fingerprints, input_files
+from negprep.shards import text_key
 from negprep.storage import redact
 from negprep.tables import LINE, NOT_UTF8, PREFIX, RawTable, load_table
 
@@ -357,9 +358,21 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
         "corpus": corpus,
         "queries": queries,
         "qrels": positives,
+        "exclusions": twin_exclusions(queries, positives),
         "rejected": all_rejected,
         "stats": stats,
     }
+
+
+def twin_exclusions(queries: pl.DataFrame, positives: pl.DataFrame) -> pl.DataFrame:
+    """(query_id, doc_id) for every positive of another query whose normalised text equals this
+    query's: two ids of one question must never get each other's positives as negatives."""
+    keys = queries.select(pl.col("id").alias("query_id"),
+                          pl.col("text").map_elements(text_key, return_dtype=pl.Int64).alias("key"))
+    twins = keys.filter(pl.col("key").is_duplicated())
+    own = positives.select("query_id", "doc_id")
+    shared = twins.join(own.join(twins, on="query_id").select("key", "doc_id"), on="key").select("query_id", "doc_id")
+    return shared.join(own, on=["query_id", "doc_id"], how="anti").unique().sort("query_id", "doc_id")
 
 
 def _strict_message(rows: dict[str, _Rows], rejected: dict[str, pl.DataFrame]) -> str:

@@ -244,6 +244,11 @@ class Job(_Strict):
     def _ranges(self) -> Job:
         if self.range_min >= self.range_max:
             raise ValueError(f"range_min ({self.range_min}) must be below range_max ({self.range_max})")
+        if self.num_negatives > self.range_max - self.range_min:
+            # as in sentence-transformers: the window cannot hold that many negatives (ntuple: no row at all)
+            raise ValueError(f"num_negatives ({self.num_negatives}) is larger than the rank window range_max - "
+                             f"range_min ({self.range_max} - {self.range_min} = {self.range_max - self.range_min}): "
+                             "raise range_max or lower num_negatives")
         if self.max_score is not None and self.min_score is not None and self.min_score > self.max_score:
             raise ValueError("min_score is above max_score")
         out, work = self.output.rstrip("/") + "/", self.work.rstrip("/") + "/"

@@ -52,6 +52,7 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
             "queries": read.queries,
             "positives": read.positives,
             "rejected_input_rows": read.rejected_rows,
+            "exclusions": read.exclusions_count,
             **counts,
         },
         "scores": {k: quantiles(v) for k, v in mine.samples.items()},

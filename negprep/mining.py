@@ -19,10 +19,12 @@ import numpy as np
 
 KEEP = 0
 #: Drop reasons, in the order they are checked. Index i + 1 is the code in `reason` matrices.
-#: A duplicate of a positive is the surest false negative, so it is checked first; then the mining
-#: model's own bounds and margins; then the guide model's (GISTEmbed) rules.
+#: A duplicate of a positive is the surest false negative, so it is checked first; then a copy of a
+#: better-ranked candidate (one pair's negatives never repeat a text); then the mining model's own
+#: bounds and margins; then the guide model's (GISTEmbed) rules.
 REASONS = (
     "duplicate_of_positive",
+    "duplicate_of_candidate",
     "max_score",
     "min_score",
     "absolute_margin",
@@ -80,6 +82,7 @@ def classify(
     guide: np.ndarray | None = None,
     guide_ref: np.ndarray | None = None,
     duplicate: np.ndarray | None = None,
+    repeated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reason code per candidate: KEEP, 1 + index into REASONS, or OUTSIDE.
 
@@ -90,6 +93,7 @@ def classify(
         guide: (n, K) guide-model scores of the same candidates, when there is a guide.
         guide_ref: (n,) the guide's lowest positive score of each query.
         duplicate: (n, K) True where the candidate's normalised text equals a positive's.
+        repeated: (n, K) True where it equals a better-ranked candidate's (`repeated_texts`).
     """
     scores = np.asarray(scores, dtype=np.float64)
     n, k = scores.shape
@@ -100,6 +104,7 @@ def classify(
     g = None if guide is None else np.asarray(guide, dtype=np.float64)
     checks = {
         "duplicate_of_positive": (duplicate is not None, lambda: duplicate),
+        "duplicate_of_candidate": (repeated is not None, lambda: repeated),
         "max_score": (rules.max_score is not None, lambda: scores > rules.max_score),
         "min_score": (rules.min_score is not None, lambda: scores < rules.min_score),
         "absolute_margin": (rules.absolute_margin is not None,
@@ -118,6 +123,29 @@ def classify(
         if active:
             code[(code == KEEP) & rejects()] = i + 1
     return code
+
+
+def repeated_texts(keys: np.ndarray, known: np.ndarray, range_min: int, range_max: int) -> np.ndarray:
+    """(n, K) True where a candidate in the window [range_min, range_max) has the text key of a
+    better-ranked candidate of the same row in the window: the first copy is the one kept.
+
+    Args:
+        keys: (n, K) int64 normalised-text keys of the candidates.
+        known: (n, K) False where a key is unknown (padding): never a copy.
+    """
+    n, k = keys.shape
+    cols = np.arange(k)
+    inside = known & ((cols >= range_min) & (cols < range_max))[None, :]
+    rows, cs = np.nonzero(inside)
+    out = np.zeros((n, k), dtype=bool)
+    if len(rows) == 0:
+        return out
+    ks = keys[rows, cs]
+    order = np.lexsort((cs, ks, rows))  # by row, then key, then rank: a copy follows its first occurrence
+    r, kk = rows[order], ks[order]
+    again = np.r_[False, (r[1:] == r[:-1]) & (kk[1:] == kk[:-1])]
+    out[rows[order][again], cs[order][again]] = True
+    return out
 
 
 def row_seed(seed: int, *keys: str) -> int:

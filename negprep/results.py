@@ -28,19 +28,21 @@ class ReadResult:
     positives: int
     rejected_rows: int
     inputs: dict
+    exclusions_count: int = 0  # (query, passage) pairs removed from a query's candidates: its twins' positives
 
     @classmethod
     def load(cls, folder: Folder) -> ReadResult:
         s = folder.read_json("stats.json")
         corpus, queries = (tuple(map(Shard.from_dict, s[k])) for k in ("corpus_shards", "query_shards"))
         return cls(folder, corpus, queries, s["passages"], s["queries"], s["positives"], s["rejected_rows"],
-                   s["inputs"])
+                   s["inputs"], s.get("exclusions", 0))
 
     def stats(self) -> dict:
         """What stats.json holds."""
         return {"inputs": self.inputs, "corpus_shards": [s.to_dict() for s in self.corpus_shards],
                 "query_shards": [s.to_dict() for s in self.query_shards], "passages": self.passages,
-                "queries": self.queries, "positives": self.positives, "rejected_rows": self.rejected_rows}
+                "queries": self.queries, "positives": self.positives, "rejected_rows": self.rejected_rows,
+                "exclusions": self.exclusions_count}
 
     @property
     def corpus(self) -> Files:
@@ -54,6 +56,12 @@ class ReadResult:
     @property
     def qrels(self) -> File:
         return self.folder.file("qrels.parquet")
+
+    @property
+    def exclusions(self) -> File | None:
+        """Positives of same-text twin queries (query_id, doc_id), when the read stage wrote them."""
+        f = self.folder.file("exclusions.parquet")
+        return f if f.exists() else None
 
     @property
     def rejected(self) -> File:

@@ -88,7 +88,8 @@ def mine_candidates(
         cand: a candidates file (schemas/candidates.yaml).
         rules: the mining rules.
         guide: the guide scores of the same shard (schemas/guide_scores.yaml), rows in the same order.
-        text_keys: normalised-text key per passage id, for the duplicate-of-positive rule.
+        text_keys: normalised-text key per passage id, for the duplicate rules (of a positive, of a
+            better-ranked candidate).
 
     Returns the mined arrays (pairs, picked rank indices, score matrices, reason codes) and counts.
     """
@@ -107,14 +108,21 @@ def mine_candidates(
                                    guide.column("candidate_guide_scores").to_pylist()], k)
         pguide = guide.column("positive_guide_scores").to_pylist()
         gref = np.array([min(p) if p else np.nan for p in pguide])
-    dup = None
+    dup = repeat = None
     if text_keys is not None:
-        dup = np.zeros(scores.shape, dtype=bool)
-        for qi, (c, p) in enumerate(zip(cids, pids, strict=True)):
-            pkeys = {text_keys[d] for d in p if d in text_keys}
+        # a twin query's positives (excluded_ids) are positives of this question too
+        excluded = (cand.column("excluded_ids").to_pylist() if "excluded_ids" in cand.column_names
+                    else [[] for _ in qids])
+        dup, keys, known = (np.zeros(scores.shape, dtype=dt) for dt in (bool, np.int64, bool))
+        for qi, (c, p, e) in enumerate(zip(cids, pids, excluded, strict=True)):
+            row = [text_keys.get(d) for d in c[:k]]
+            known[qi, : len(row)] = [x is not None for x in row]
+            keys[qi, : len(row)] = [x or 0 for x in row]
+            pkeys = {text_keys[d] for d in (*p, *e) if d in text_keys}
             if pkeys:
-                dup[qi, : min(len(c), k)] = [text_keys.get(d) in pkeys for d in c[:k]]
-    code = mining.classify(scores, ref, rules, gscores, gref, dup)
+                dup[qi, : len(row)] = [x in pkeys for x in row]
+        repeat = mining.repeated_texts(keys, known, rules.range_min, rules.range_max)
+    code = mining.classify(scores, ref, rules, gscores, gref, dup, repeat)
     keep = code == mining.KEEP
     kept = keep.sum(axis=1)
     counts = mining.reason_counts(code)
@@ -230,7 +238,7 @@ def mine_shard(task: MineTask) -> MineResult:
     cand = task.candidates.read_parquet()
     gtable = task.guide.read_parquet() if task.guide else None
     window_ids = {d for c in cand.column("candidate_ids").to_pylist() for d in c[rules.range_min : rules.range_max]}
-    pos_ids = {d for p in cand.column("positive_ids").to_pylist() for d in p}
+    pos_ids = {d for col in ("positive_ids", "excluded_ids") for p in cand.column(col).to_pylist() for d in p}
     keys = task.corpus.lookup(window_ids | pos_ids, "text_key")
     mined, counts = mine_candidates(cand, rules, gtable, keys)
     cols = rows_for_output(mined, task.fmt, rules.num_negatives)

@@ -25,7 +25,7 @@ from negprep.stages.base import Run, Stage
 from negprep.storage import redact
 from negprep.tables import load_table
 
-FORMAT = 3  # bump when the normalised tables change shape, so old work directories are not reused
+FORMAT = 4  # bump when the normalised tables change shape, so old work directories are not reused
 
 
 def read_key(job: Job, fps: dict[str, dict]) -> str:
@@ -43,11 +43,13 @@ def read_inputs(job: Job, out: Folder, files: dict[str, str]) -> dict:
     corpus_shards = write_shards(out.sub("corpus"), corpus.to_arrow(), job.read.shard_rows, "corpus")
     query_shards = write_shards(out.sub("queries"), res["queries"].to_arrow(), job.read.query_shard_rows, "queries")
     out.write_parquet("qrels.parquet", conform(res["qrels"].to_arrow(), "qrels"))
+    out.write_parquet("exclusions.parquet", conform(res["exclusions"].to_arrow(), "exclusions"))
     out.write_parquet("rejected.parquet", conform(res["rejected"].to_arrow(), "rejected_input"))
     result = ReadResult(
         out, tuple(corpus_shards), tuple(query_shards), res["corpus"].height, res["queries"].height,
         res["qrels"].height, res["rejected"].height,
         {r: {**res["stats"][r], "path": redact(files[r]), "sha256": tables[r].sha256} for r in files},
+        res["exclusions"].height,
     )
     out.write_json("stats.json", result.stats())
     return result.stats()

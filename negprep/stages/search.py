@@ -61,6 +61,15 @@ def _positives(qrels: File, qids: list[str]) -> list[list[str]]:
     return out
 
 
+def _removed(qrels: File, exclusions: File | None, qids: list[str]) -> tuple[list[list[str]], list[list[str]], int]:
+    """Per query its positives and its exclusions (the positives of queries with the same normalised
+    text), and K: range_max must still be left after removing both."""
+    positives = _positives(qrels, qids)
+    excluded = _positives(exclusions, qids) if exclusions else [[] for _ in qids]
+    most = max((len(p) + len(e) for p, e in zip(positives, excluded, strict=True)), default=0)
+    return positives, excluded, most
+
+
 def _fan_out(
     actors: list, qvec: np.ndarray, k: int, positives: list[list[str]], batch: int, exact: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, str], float]]:
@@ -104,11 +113,12 @@ def _candidates(
     ids: np.ndarray,
     found: dict[tuple[int, str], float],
     range_max: int,
+    excluded: list[list[str]],
 ) -> pa.Table:
     out: dict[str, list] = {c: [] for c in ("query_id", "candidate_ids", "candidate_scores")}
-    out |= {"positive_ids": [], "positive_scores": []}
+    out |= {"positive_ids": [], "positive_scores": [], "excluded_ids": []}
     for qi, q in enumerate(qids):
-        pos = set(positives[qi])
+        pos = set(positives[qi]) | set(excluded[qi])
         cids, cscores = [], []
         for s, d in zip(scores[qi], ids[qi], strict=True):
             if d is None or d in pos:
@@ -123,6 +133,7 @@ def _candidates(
         out["candidate_scores"].append(cscores)
         out["positive_ids"].append(have)
         out["positive_scores"].append([found[(qi, d)] for d in have])
+        out["excluded_ids"].append(excluded[qi])
     return conform(pa.table(out), "candidates")
 
 
@@ -166,6 +177,7 @@ class QueryShardSearch:
 
     query_emb: File
     qrels: File
+    exclusions: File | None
     dst: File
     range_max: int
     query_batch: int
@@ -178,8 +190,8 @@ def search_query_shard(actors: list, task: QueryShardSearch) -> dict:
     t0 = time.perf_counter()
     range_max, recall_queries, dst = task.range_max, task.recall_queries, task.dst
     qids, qvec = table_vectors(task.query_emb.read_parquet())
-    positives = _positives(task.qrels, qids)
-    k = range_max + max((len(p) for p in positives), default=0)
+    positives, excluded, most = _removed(task.qrels, task.exclusions, qids)
+    k = range_max + most
     scores, ids, found = _fan_out(actors, qvec, k, positives, task.query_batch)
     sample = _sample_rows(qids, recall_queries)
     exact = None
@@ -190,7 +202,7 @@ def search_query_shard(actors: list, task: QueryShardSearch) -> dict:
         if exact is not None:
             stats |= _recall(ids[sample], exact[1])
             dst.folder.write_json(dst.name + ".recall.json", stats)  # before the candidates: their file is the marker
-        dst.write_parquet(_candidates(qids, positives, scores, ids, found, range_max))
+        dst.write_parquet(_candidates(qids, positives, scores, ids, found, range_max, excluded))
     else:
         cols: dict[str, list] = {"query_id": qids}
         cols["ids"], cols["scores"] = _lists(ids, scores)
@@ -208,13 +220,14 @@ def search_query_shard(actors: list, task: QueryShardSearch) -> dict:
     return stats
 
 
-def merge_groups(groups: list[Folder], name: str, qrels: File, dst: Folder, range_max: int, recall: bool) -> dict:
+def merge_groups(groups: list[Folder], name: str, inputs: SearchInputs, dst: Folder, range_max: int,  # noqa: PLR0913
+                 recall: bool) -> dict:
     """Merge the per-group top-k of one query shard into its candidates file (Ray task)."""
     t0 = time.perf_counter()
     parts = [g.read_parquet(name) for g in groups]
     qids = parts[0].column("query_id").to_pylist()
-    positives = _positives(qrels, qids)
-    k = range_max + max((len(p) for p in positives), default=0)
+    positives, excluded, most = _removed(inputs.qrels, inputs.exclusions, qids)
+    k = range_max + most
     merged, exact, found = [], [], {}
     for t in parts:
         merged.append(_padded(t.column("ids").to_pylist(), t.column("scores").to_pylist(), k))
@@ -230,7 +243,7 @@ def merge_groups(groups: list[Folder], name: str, qrels: File, dst: Folder, rang
         ex = top_k(np.concatenate([e[0] for e in exact], 1), np.concatenate([e[1] for e in exact], 1), k)[1]
         stats |= _recall(ids[sample], ex[sample])
         dst.write_json(name + ".recall.json", stats)
-    dst.write_parquet(name, _candidates(qids, positives, scores, ids, found, range_max))
+    dst.write_parquet(name, _candidates(qids, positives, scores, ids, found, range_max, excluded))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
 
@@ -275,6 +288,7 @@ class SearchInputs:
     queries: Folder
     query_shards: tuple[Shard, ...]
     qrels: File
+    exclusions: File | None = None  # query_id, doc_id: removed from the candidates like positives
 
 
 def layout(cfg: SearchConfig, inputs: SearchInputs) -> tuple[list[tuple[Piece, ...]], int]:
@@ -358,11 +372,12 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
         args = [(inputs.passages, pieces, cfg, threads) for pieces in group]
         with ex.actors(IndexShard, args, res["index_shard"]) as actors:
             out = sdir if single else gdir
-            calls = [(actors, QueryShardSearch(inputs.queries.file(s.embedding), inputs.qrels, out.file(s.name),
-                                               range_max, cfg.query_batch, sample[s.name], single)) for s in left]
+            calls = [(actors, QueryShardSearch(inputs.queries.file(s.embedding), inputs.qrels, inputs.exclusions,
+                                               out.file(s.name), range_max, cfg.query_batch, sample[s.name], single))
+                     for s in left]
             ex.map(search_query_shard, calls, res["coordinator"], desc="search", limit=limit)
     if not single:
-        calls = [(gdirs, s.name, inputs.qrels, sdir, range_max, approx) for s in todo]
+        calls = [(gdirs, s.name, inputs, sdir, range_max, approx) for s in todo]
         ex.map(merge_groups, calls, res["merge"], desc="merge", limit=limit)
         for g in gdirs:
             g.rm("", recursive=True)
@@ -375,7 +390,8 @@ class Search(Stage):
     @staticmethod
     def inputs(run: Run) -> SearchInputs:
         read, emb = run.read, run.embed
-        return SearchInputs(emb.passages.folder, read.corpus_shards, emb.queries.folder, read.query_shards, read.qrels)
+        return SearchInputs(emb.passages.folder, read.corpus_shards, emb.queries.folder, read.query_shards, read.qrels,
+                            read.exclusions)
 
     def resources(self, run: Run) -> dict[str, Resources]:
         return search_resources(layout(run.job.search, self.inputs(run))[1])
