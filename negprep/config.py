@@ -207,6 +207,9 @@ class Job(_Strict):
     min_score: float | None = None
     sampling: Literal["top", "random", "balanced"] = "top"
     margin_bins: int = Field(10, gt=0, description="balanced sampling: equal-width margin bins per pair")
+    near_duplicate: float | None = Field(
+        0.97, gt=0, le=1, description="a candidate whose cosine to one of its query's positives (mining model) is "
+        "at least this is a near-copy of it: dropped (near_duplicate_of_positive); null: off")
     format: Literal["triplet", "ntuple"] = "triplet"
     seed: int = 42
 

@@ -13,17 +13,20 @@ is for. Every candidate in the window is kept or dropped for exactly one reason,
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 KEEP = 0
 #: Drop reasons, in the order they are checked. Index i + 1 is the code in `reason` matrices.
-#: A duplicate of a positive is the surest false negative, so it is checked first; then a copy of a
+#: A duplicate of a positive is the surest false negative, so it is checked first, then a near-copy
+#: (cosine to a positive >= `near_duplicate` under the mining model); then a copy of a
 #: better-ranked candidate (one pair's negatives never repeat a text); then the mining model's own
 #: bounds and margins; then the guide model's (GISTEmbed) rules.
 REASONS = (
     "duplicate_of_positive",
+    "near_duplicate_of_positive",
     "duplicate_of_candidate",
     "max_score",
     "min_score",
@@ -50,6 +53,8 @@ class Rules:
     sampling: str = "top"
     seed: int = 42
     margin_bins: int = 10  # `balanced` sampling: equal-width margin bins per (query, positive)
+    near_duplicate: float | None = None  # cosine to a positive from which a candidate is its near-copy
+    unit_scores: bool = True  # scores are inner products of unit vectors (embed.normalize)
     guide_relative_margin: float | None = None
     guide_absolute_margin: float | None = None
     guide_max_score: float | None = None
@@ -83,6 +88,7 @@ def classify(
     guide_ref: np.ndarray | None = None,
     duplicate: np.ndarray | None = None,
     repeated: np.ndarray | None = None,
+    similarity: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reason code per candidate: KEEP, 1 + index into REASONS, or OUTSIDE.
 
@@ -94,6 +100,8 @@ def classify(
         guide_ref: (n,) the guide's lowest positive score of each query.
         duplicate: (n, K) True where the candidate's normalised text equals a positive's.
         repeated: (n, K) True where it equals a better-ranked candidate's (`repeated_texts`).
+        similarity: (n, K) the candidate's highest cosine to one of the query's positives (NaN: too
+            far by score to be a near-copy, not computed).
     """
     scores = np.asarray(scores, dtype=np.float64)
     n, k = scores.shape
@@ -104,6 +112,8 @@ def classify(
     g = None if guide is None else np.asarray(guide, dtype=np.float64)
     checks = {
         "duplicate_of_positive": (duplicate is not None, lambda: duplicate),
+        "near_duplicate_of_positive": (similarity is not None and rules.near_duplicate is not None,
+                                       lambda: similarity >= rules.near_duplicate),
         "duplicate_of_candidate": (repeated is not None, lambda: repeated),
         "max_score": (rules.max_score is not None, lambda: scores > rules.max_score),
         "min_score": (rules.min_score is not None, lambda: scores < rules.min_score),
@@ -146,6 +156,12 @@ def repeated_texts(keys: np.ndarray, known: np.ndarray, range_min: int, range_ma
     again = np.r_[False, (r[1:] == r[:-1]) & (kk[1:] == kk[:-1])]
     out[rows[order][again], cs[order][again]] = True
     return out
+
+
+def near_copy_bound(threshold: float) -> float:
+    """How far a near-copy's query score can be from its positive's: for a unit query and unit
+    passages, |q.c - q.p| <= |c - p| = sqrt(2 - 2 cos(c, p)). Candidates farther need no check."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
 
 
 def row_seed(seed: int, *keys: str) -> int:

@@ -48,6 +48,24 @@ def test_a_pair_never_gets_the_same_text_twice_and_twins_positives_count_as_its_
     assert rows_for_output(mined, "triplet", 4)["negative_id"] == ["a", "b", "c"]
 
 
+def test_near_copies_of_a_positive_are_dropped_and_only_near_scores_are_looked_at():
+    v = {"p": [1.0, 0.0], "near": [0.995, 0.0999], "far": [0.0, 1.0], "close": [0.9, 0.4359]}
+    asked: list[set[str]] = []
+
+    def vectors(ids: set[str]) -> dict[str, np.ndarray]:
+        asked.append(set(ids))
+        return {d: np.asarray(v[d]) / np.linalg.norm(v[d]) for d in ids}
+
+    cand = pa.table({"query_id": ["q"], "candidate_ids": [["near", "close", "far"]],
+                     "candidate_scores": [[0.80, 0.78, 0.10]], "positive_ids": [["p"]], "positive_scores": [[0.81]],
+                     "excluded_ids": [[]]})
+    mined, counts = mine_candidates(cand, Rules(num_negatives=3, range_max=3, near_duplicate=0.97), vectors=vectors)
+    assert mined.code[0].tolist() == [1 + REASONS.index("near_duplicate_of_positive"), KEEP, KEEP]
+    assert counts["dropped_near_duplicate_of_positive"] == 1
+    # "far" scores 0.71 below the positive: more than sqrt(2 - 2 x 0.97) = 0.245, so it cannot be a near-copy
+    assert asked == [{"near", "close", "p"}]
+
+
 def test_twin_queries_share_positives_for_exclusion():
     queries = pl.DataFrame({"id": ["q1", "q2", "q3"], "text": ["What is X?", "what  is x?", "Other"]})
     positives = pl.DataFrame({"query_id": ["q1", "q2", "q2", "q3"], "doc_id": ["d1", "d2", "d1", "d3"]})
@@ -64,6 +82,8 @@ def _twin_collection(root: Path) -> Path:
     corpus.append({"_id": "extra", "title": "", "text": "A second account of the town in the first question."})
     d1g = next(c for c in corpus if c["_id"] == "d1g")
     corpus.append({**d1g, "_id": "d1g-copy"})
+    d0g = next(c for c in corpus if c["_id"] == "d0g")
+    corpus.append({**d0g, "_id": "d0g-near", "text": d0g["text"].replace("people live there", "people lived there")})
     qrels.append(("q0twin", "extra", 1))
     (root / "qrels").mkdir(parents=True)
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
@@ -82,8 +102,12 @@ def test_twin_queries_and_copied_passages_never_become_negatives(ray_session, ti
     data = _twin_collection(tmp_path / "data")
     # the window covers nearly the whole corpus: without the exclusions every twin positive would be a candidate
     job = {"input": str(data), "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
-           "model": str(tiny_bert), "num_negatives": 5, "range_max": 40}
+           "model": str(tiny_bert), "num_negatives": 5, "range_max": 40, "dropped": str(tmp_path / "audit")}
     m = run_job(parse_job(job))
+    audit = pq.read_table(tmp_path / "audit").to_pylist()
+    assert ("q0a", "d0g-near", "near_duplicate_of_positive") in {(r["query_id"], r["candidate_id"], r["reason"])
+                                                                 for r in audit}
+    assert m["config"]["near_duplicate"] == 0.97
     cand = _candidates(tmp_path / "work")
     positives = {"q0a": {"d0g"} | ({"d0e"} if "d0e" in cand["q0a"]["positive_ids"] else set())}
     assert cand["q0a"]["excluded_ids"] == ["extra"] and "extra" not in cand["q0a"]["candidate_ids"]

@@ -13,6 +13,7 @@ runs on every run: its input, the candidates, is what the earlier stages cache.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,8 @@ def rules(job: Job) -> mining.Rules:
         sampling=job.sampling,
         seed=job.seed,
         margin_bins=job.margin_bins,
+        near_duplicate=job.near_duplicate,
+        unit_scores=job.embed.normalize,
         guide_relative_margin=g.relative_margin if g else None,
         guide_absolute_margin=g.absolute_margin if g else None,
         guide_max_score=g.max_score if g else None,
@@ -81,6 +84,7 @@ def mine_candidates(
     rules: mining.Rules,
     guide: pa.Table | None = None,
     text_keys: dict[str, int] | None = None,
+    vectors: Callable[[set[str]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[Mined, dict]:
     """Pure part of the stage: a candidates table -> chosen negatives per (query, positive) pair.
 
@@ -90,6 +94,7 @@ def mine_candidates(
         guide: the guide scores of the same shard (schemas/guide_scores.yaml), rows in the same order.
         text_keys: normalised-text key per passage id, for the duplicate rules (of a positive, of a
             better-ranked candidate).
+        vectors: unit embeddings by passage id under the mining model, for the near-copy rule.
 
     Returns the mined arrays (pairs, picked rank indices, score matrices, reason codes) and counts.
     """
@@ -122,7 +127,10 @@ def mine_candidates(
             if pkeys:
                 dup[qi, : len(row)] = [x in pkeys for x in row]
         repeat = mining.repeated_texts(keys, known, rules.range_min, rules.range_max)
-    code = mining.classify(scores, ref, rules, gscores, gref, dup, repeat)
+    similarity = None
+    if vectors is not None and rules.near_duplicate is not None:
+        similarity = positive_similarity(cids, pids, scores, pscores, rules, vectors)
+    code = mining.classify(scores, ref, rules, gscores, gref, dup, repeat, similarity)
     keep = code == mining.KEEP
     kept = keep.sum(axis=1)
     counts = mining.reason_counts(code)
@@ -157,6 +165,32 @@ def mine_candidates(
     )
     pairs = Pairs(q_of_pair, pair_pid, pair_pscore, pair_pguide, picked)
     return Mined(pairs, qids, cids, scores, gscores, code, ref, gref), counts
+
+
+def positive_similarity(cids: list[list[str]], pids: list[list[str]], scores: np.ndarray,  # noqa: PLR0913
+                        pscores: list[list[float]], rules: mining.Rules,
+                        vectors: Callable[[set[str]], dict[str, np.ndarray]]) -> np.ndarray:
+    """(n, K) each window candidate's highest cosine to one of its query's positives; NaN where its
+    query score is too far from every positive's for a near-copy (`mining.near_copy_bound`), so
+    only those few candidates' vectors are read."""
+    n, k = scores.shape
+    out = np.full((n, k), np.nan)
+    # without unit vectors the scores bound nothing: every window candidate is checked
+    bound = mining.near_copy_bound(rules.near_duplicate) if rules.unit_scores else np.inf
+    lo = np.array([min(p) - bound if p else np.nan for p in pscores])[:, None]
+    hi = np.array([max(p) + bound if p else np.nan for p in pscores])[:, None]
+    cols = np.arange(k)[None, :]
+    near = (cols >= rules.range_min) & (cols < rules.range_max) & (scores >= lo) & (scores <= hi)
+    rows, js = np.nonzero(near)
+    if len(rows) == 0:
+        return out
+    vec = vectors({cids[r][j] for r, j in zip(rows, js, strict=True)} | {d for r in set(rows) for d in pids[r]})
+    for r, j in zip(rows, js, strict=True):
+        c = vec.get(cids[r][j])
+        sims = [float(c @ vec[p]) for p in pids[r] if p in vec] if c is not None else []
+        if sims:
+            out[r, j] = max(sims)
+    return out
 
 
 def dropped_rows(mined: Mined) -> pa.Table:
@@ -225,6 +259,7 @@ class MineTask:
     guide: File | None = None  # the shard's guide scores (schemas/guide_scores.yaml)
     dropped: File | None = None  # the audit of dropped candidates
     clusters: File | None = None  # the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`
+    embeddings: Files | None = None  # the corpus's embedding files (mining model), for the near-copy rule
     exports: tuple[str, ...] = ()  # grouped exports, written to `export_to`/<export>/ (negprep.exports)
     export_to: Folder | None = None
     export_settings: dict | None = None
@@ -240,7 +275,12 @@ def mine_shard(task: MineTask) -> MineResult:
     window_ids = {d for c in cand.column("candidate_ids").to_pylist() for d in c[rules.range_min : rules.range_max]}
     pos_ids = {d for col in ("positive_ids", "excluded_ids") for p in cand.column(col).to_pylist() for d in p}
     keys = task.corpus.lookup(window_ids | pos_ids, "text_key")
-    mined, counts = mine_candidates(cand, rules, gtable, keys)
+    vectors = None
+    if task.embeddings is not None:
+        def vectors(ids: set[str]) -> dict[str, np.ndarray]:
+            found = task.embeddings.lookup(ids, "embedding")
+            return {d: (v := np.asarray(x, dtype=np.float64)) / max(np.linalg.norm(v), 1e-12) for d, x in found.items()}
+    mined, counts = mine_candidates(cand, rules, gtable, keys, vectors)
     cols = rows_for_output(mined, task.fmt, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
     passages = task.corpus.lookup({d for c in id_cols for d in cols[c]}, "text")
@@ -333,7 +373,9 @@ class Mine(Stage):
                       dst.file(f"train-{i:05d}-of-{n:05d}.parquet"), r, job.format,
                       guide=run.guide.file(s) if run.guide else None,
                       dropped=audit.file(f"part-{i:05d}.parquet") if audit else None,
-                      clusters=run.cluster.file(s) if run.cluster else None, exports=tuple(job.exports),
+                      clusters=run.cluster.file(s) if run.cluster else None,
+                      embeddings=run.embed.passages.files(read.corpus_shards) if job.near_duplicate else None,
+                      exports=tuple(job.exports),
                       export_to=run.out, export_settings=job.export.model_dump()),)
             for i, s in enumerate(read.query_shards)
         ]
