@@ -10,8 +10,8 @@ rows in training order with a `batch_id` each, such that
   is another row's query (with in-batch negatives such a repeat would be a false negative);
 - batch order is a seeded shuffle; rows keep consecutive positions within their batch.
 
-Packing is greedy: a cluster's rows are interleaved (one row of every query, in a seeded order,
-then every query's second row, ...), then each batch takes the next rows that do not clash with
+Packing is greedy: a cluster's rows are interleaved (each query's rows spread evenly over the
+cluster's sequence, queries in a seeded order), then each batch takes the next rows that do not clash with
 it, looking at most `window` rows ahead; skipped rows stay first in line for the next batch.
 Batches left short (at a cluster's end, or when the rows ahead all clash) are handled by
 `partial`:
@@ -56,22 +56,25 @@ class Batches:
 
 
 def interleave(query: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(level, priority) per row: sorting by (level, priority) spreads each query's rows apart.
+    """(position, priority) per row: sorting by (position, priority) spreads each query's rows evenly.
 
-    `level` is the row's seeded rank among its query's rows, `priority` a seeded rank of its query:
-    level 0 holds one row of every query in a random query order, level 1 the second rows, ...
+    `position` is (i + 0.5) / r for the i-th of a query's r rows (seeded order): a query with many
+    rows (several positives, several negatives each) has them spread over the whole cluster instead
+    of crowding its end, where they would clash with each other and leave short batches (measured
+    on SciFact train, 5 negatives, batch 32: rows in single-cluster batches 83% -> 93%).
+    `priority` is a seeded rank of the query, so rows at equal positions come in a random query order.
     """
     n = len(query)
-    _, inv = np.unique(query, return_inverse=True)
+    _, inv, counts = np.unique(query, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
     prio = rng.permutation(int(inv.max()) + 1 if n else 0)[inv]
     grouped = np.lexsort((rng.random(n), inv))  # rows grouped by query, random order inside
     g = inv[grouped]
     starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1] if n else np.zeros(0, dtype=np.int64)
     first = np.repeat(starts, np.diff(np.r_[starts, n]))
-    level = np.empty(n, dtype=np.int64)
-    level[grouped] = np.arange(n) - first
-    return level, prio
+    rank = np.empty(n, dtype=np.int64)
+    rank[grouped] = np.arange(n) - first
+    return (rank + 0.5) / counts[inv] if n else np.zeros(0), prio
 
 
 def pack(rows: np.ndarray, keys: list[tuple], batch_size: int, window: int) -> list[list[int]]:

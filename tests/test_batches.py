@@ -117,8 +117,10 @@ def test_seeded_and_shuffled():
 
 def test_interleave_spreads_a_querys_rows():
     q = np.array([5, 5, 5, 6, 6, 7])
-    level, prio = interleave(q, np.random.default_rng(0))
-    assert sorted(level[q == 5].tolist()) == [0, 1, 2] and sorted(level[q == 6].tolist()) == [0, 1]
+    position, prio = interleave(q, np.random.default_rng(0))
+    # evenly over [0, 1): a query's first row near the start, its last near the end, whatever its count
+    assert sorted(position[q == 5].tolist()) == pytest.approx([1 / 6, 1 / 2, 5 / 6])
+    assert sorted(position[q == 6].tolist()) == [0.25, 0.75] and position[q == 7].tolist() == [0.5]
     assert len(set(prio[[0, 3, 5]].tolist())) == 3 and len(set(prio[q == 5].tolist())) == 1
 
 
@@ -213,6 +215,8 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
                 cols[name] = [f"query {r['query_id'][1:]}" for r in part]
             elif pa.types.is_string(field.type):
                 cols[name] = [texts[r[name + "_id"]] for r in part]
+            elif pa.types.is_list(field.type):
+                cols[name] = [[0.5, 0.25, 0.125]] * len(part)
             else:
                 cols[name] = [0] * len(part)
         staged.write_parquet(f"train-{f:05d}-of-00002.parquet", pa.table(cols, schema=target))

