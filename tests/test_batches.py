@@ -139,6 +139,9 @@ def test_split_files_keeps_batches_whole():
 
 def test_cluster_count():
     assert cluster_count(809, None, 32) == 6  # 809 // (4 * 32)
+    assert cluster_count(809, None, 32, rows=919 * 5) == 6  # rows allow 17: the queries bound k
+    assert cluster_count(809, None, 32, rows=919) == 3  # one negative: 919 // (8 * 32)
+    assert cluster_count(809, 16, 32, rows=919) == 16  # an explicit k is kept
     assert cluster_count(50, None, 32) == 1
     assert cluster_count(50, 80, None) == 50  # never more clusters than queries
     assert cluster_count(500, 7, 32) == 7

@@ -60,8 +60,9 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path, cranf
         assert r["negative_score"] <= r["positive_score"]
     assert len(got) == c["queries"] - c["queries_without_candidates"]
     assert sum(len(v) >= 5 for v in got.values()) == c["queries"] - c["queries_short"]
-    # the duplicate-of-positive rule is always on; nothing else may drop a candidate here
-    dropped = c["dropped_relative_margin"] + c["dropped_duplicate_of_positive"]
+    # the duplicate rules are always on; nothing else may drop a candidate here
+    duplicates = ("duplicate_of_positive", "near_duplicate_of_positive", "duplicate_of_candidate")
+    dropped = c["dropped_relative_margin"] + sum(c[f"dropped_{r}"] for r in duplicates)
     assert c["kept"] + dropped == c["candidates"] == 225 * 50
 
 

@@ -28,17 +28,25 @@ from negprep.stages.base import Run, Stage
 
 log = logging.getLogger(__name__)
 
-QUERIES_PER_CLUSTER_BATCH = 4  # derived k: clusters of ~4 batches' worth of queries each
+QUERIES_PER_CLUSTER_BATCH = 4  # derived k: clusters of at least ~4 batches' worth of queries ...
+ROWS_PER_CLUSTER_BATCH = 8  # ... and of ~8 batches' worth of rows
 
 
-def cluster_count(n_queries: int, clusters: int | None, batch_size: int | None) -> int:
-    """k: the job's `clusters`, else about n_queries / (4 x batch_size), at least 1, at most n_queries.
+def cluster_count(n_queries: int, clusters: int | None, batch_size: int | None, rows: int | None = None) -> int:
+    """k: the job's `clusters`, else the smaller of n_queries / (4 x batch_size) and
+    rows / (8 x batch_size), at least 1, at most n_queries.
 
-    A cluster needs at least batch_size distinct queries to fill one batch; four batches' worth
-    leaves room for the clashes (shared negatives) that similar queries have.
+    A batch takes `batch_size` rows of distinct queries, so a cluster needs several batches' worth
+    of queries (four leave room for the clashes, shared negatives, that similar queries have). And
+    what is left at a cluster's end (half a batch on average) goes to mixed batches, so a cluster
+    needs enough rows for that end to stay small: with eight batches of rows, ~6% of them. `rows`
+    is the expected output rows (positives x num_negatives for triplets); with one negative per
+    row it is what bounds k.
     """
     if clusters is None:
         clusters = n_queries // (QUERIES_PER_CLUSTER_BATCH * batch_size) if batch_size else 1
+        if batch_size and rows is not None:
+            clusters = min(clusters, rows // (ROWS_PER_CLUSTER_BATCH * batch_size))
     return max(1, min(clusters, n_queries))
 
 
@@ -117,7 +125,8 @@ class Cluster(Stage):
 
     def run(self, run: Run, force: bool) -> None:
         job, c, shards, queries = run.job, run.job.cluster, run.read.query_shards, run.embed.queries
-        k = cluster_count(run.read.queries, job.clusters, job.batch_size)
+        rows = run.read.positives * (job.num_negatives if job.format == "triplet" else 1)
+        k = cluster_count(run.read.queries, job.clusters, job.batch_size, rows)
         sample = min(run.read.queries, max(c.sample, k))
         cdir = run.work.sub("clusters", stage_key(queries.spec.key(), [s.digest for s in shards], k, sample, job.seed,
                                                   c.iterations, job.embed.normalize))
