@@ -46,13 +46,15 @@ class Batches:
         order: (m,) input row indices in output order (m = rows kept).
         batch_id: (m,) batch of each output position; 0, 0, ..., 1, 1, ...: batches are contiguous.
         mixed: (number of batches,) True for a `merge` batch pooled from several clusters' leftovers.
-        counts: rows, rows_batched, rows_merged, rows_dropped, batches, batches_mixed, batches_short.
+        counts: rows, rows_batched, rows_merged, rows_dropped, batches, batches_mixed, batches_short,
+            rows_moved.
     """
 
     order: np.ndarray
     batch_id: np.ndarray
     mixed: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)
+    cluster: np.ndarray | None = None  # (m,) cluster of each output row, after `rebalance`
 
 
 def interleave(query: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +109,47 @@ def pack(rows: np.ndarray, keys: list[tuple], batch_size: int, window: int) -> l
     return out
 
 
+def rebalance(cluster: np.ndarray, query: np.ndarray, second: np.ndarray, margin: np.ndarray,
+              batch_size: int) -> np.ndarray:
+    """Clusters whose row counts are multiples of `batch_size`, as far as moving boundary queries allows.
+
+    A cluster's end (its rows mod batch_size) goes to mixed batches. So, cluster by cluster, queries
+    move whole (all their rows) to their second-nearest cluster, the nearest to the boundary first
+    (smallest `margin`, the difference of the two centroid distances), until the cluster's rows are
+    a multiple of batch_size; a cluster that has given rows is closed, and queries move only to
+    clusters not yet closed. Returns the new cluster of every row.
+
+    Args:
+        cluster: (n,) the k-means cluster of each row's query.
+        query: (n,) key of each row's query.
+        second: (n,) the query's second-nearest cluster (-1: none).
+        margin: (n,) how much farther the second centroid is than the first.
+    """
+    cluster = np.asarray(cluster, dtype=np.int64).copy()
+    if len(cluster) == 0:
+        return cluster
+    uq, first, inv, rows = np.unique(query, return_index=True, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    qc, q2, qm = cluster[first].copy(), np.asarray(second)[first], np.asarray(margin, dtype=np.float64)[first]
+    totals = {int(c): int(rows[qc == c].sum()) for c in np.unique(qc)}
+    closed: set[int] = set()
+    order = np.lexsort((uq, qm))  # nearest the boundary first, ties by query key
+    for c in sorted(totals):
+        left = totals[c] % batch_size
+        if left:
+            for q in order[qc[order] == c]:
+                if left == 0:
+                    break
+                target = int(q2[q])
+                if rows[q] <= left and target >= 0 and target != c and target not in closed and target in totals:
+                    qc[q] = target
+                    totals[c] -= int(rows[q])
+                    totals[target] += int(rows[q])
+                    left -= int(rows[q])
+        closed.add(c)
+    return qc[inv]
+
+
 def compose(
     cluster: np.ndarray,
     query: np.ndarray,
@@ -115,6 +158,8 @@ def compose(
     seed: int,
     partial: str = "merge",
     window: int | None = None,
+    second: np.ndarray | None = None,
+    margin: np.ndarray | None = None,
 ) -> Batches:
     """Order rows into batches of one cluster each, without repeated keys inside a batch.
 
@@ -126,6 +171,8 @@ def compose(
         seed: the job seed; the same inputs and seed give the same plan.
         partial: what to do with short batches: merge, drop or keep (see the module docstring).
         window: how many rows ahead a batch may look for a non-clashing row (default 8 batches).
+        second, margin: (n,) each row's query's second-nearest cluster and how much farther it is:
+            with them, boundary queries move so that clusters fill whole batches (`rebalance`).
     """
     if partial not in PARTIAL:
         raise ValueError(f"unknown partial {partial!r}: one of {', '.join(PARTIAL)}")
@@ -134,6 +181,9 @@ def compose(
     cluster = np.asarray(cluster, dtype=np.int64).reshape(-1)
     query = np.asarray(query, dtype=np.int64).reshape(-1)
     n = len(cluster)
+    kmeans = cluster
+    if second is not None and margin is not None:
+        cluster = rebalance(cluster, query, second, margin, batch_size)
     texts = np.asarray(texts, dtype=np.int64)
     texts = texts.reshape(n, -1) if texts.size else texts.reshape(n, 0)
     window = window or max(8 * batch_size, 64)
@@ -180,12 +230,14 @@ def compose(
         "batches": len(batches),
         "batches_mixed": len(mixed),
         "batches_short": int((sizes < batch_size).sum()),
+        "rows_moved": int((cluster != kmeans).sum()),  # to their query's second-nearest cluster
     }
     return Batches(
         order=out,
         batch_id=np.repeat(np.arange(len(batches), dtype=np.int32), sizes),
         mixed=is_mixed[perm],
         counts=counts,
+        cluster=cluster[out],
     )
 
 

@@ -92,16 +92,16 @@ class Folder:
     def read_parquet(self, name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         return pq.read_table(self.path(name), columns=columns, filters=filters, filesystem=self.fs)
 
-    def lookup(self, names: list[str], ids: set[str], column: str) -> dict:
-        """id -> `column` for the given ids across Parquet files `names`, with a pushed-down filter."""
+    def lookup(self, names: list[str], ids: set[str], column: str, key: str = "id") -> dict:
+        """`key` -> `column` for the given ids across Parquet files `names`, with a pushed-down filter."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
         if not ids:
             return {}
         ds = pads.dataset([self.path(n) for n in names], format="parquet", filesystem=self.fs)
-        t = ds.to_table(columns=["id", column], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
-        return dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist(), strict=True))
+        t = ds.to_table(columns=[key, column], filter=pc.field(key).isin(pa.array(sorted(ids), pa.string())))
+        return dict(zip(t.column(key).to_pylist(), t.column(column).to_pylist(), strict=True))
 
     def rm(self, name: str = "", recursive: bool = False) -> None:
         if self.exists(name):
@@ -172,9 +172,9 @@ class Files:
     def __len__(self) -> int:
         return len(self.names)
 
-    def lookup(self, ids: set[str], column: str) -> dict:
-        """id -> `column` for the given ids across these Parquet files."""
-        return self.folder.lookup(list(self.names), ids, column)
+    def lookup(self, ids: set[str], column: str, key: str = "id") -> dict:
+        """`key` -> `column` for the given ids across these Parquet files."""
+        return self.folder.lookup(list(self.names), ids, column, key)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -137,6 +137,27 @@ def test_split_files_keeps_batches_whole():
     assert split_files(np.array([], dtype=np.int64), 1).tolist() == [0, 0]
 
 
+def test_rebalance_moves_boundary_queries_until_clusters_fill_whole_batches():
+    from negprep.batches import rebalance
+
+    # cluster 0: 6 one-row queries, cluster 1: 4, cluster 2: 2; batch size 4
+    cluster = np.array([0] * 6 + [1] * 4 + [2] * 2)
+    query = np.arange(12)
+    second = np.array([1, 2, 1, 1, 2, 2, 0, 0, 2, 2, 1, 1])
+    margin = np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.7, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+    got = rebalance(cluster, query, second, margin, batch_size=4)
+    # cluster 0 gives its two nearest-the-boundary queries (margins 0.1, 0.2: both to cluster 2)
+    assert got.tolist() == [0, 2, 0, 0, 2, 0, 1, 1, 1, 1, 2, 2]
+    assert [int((got == c).sum()) % 4 for c in range(3)] == [0, 0, 0]
+    # a query's rows move together; nothing moves to a cluster already closed or without a second choice
+    two = rebalance(np.array([0, 0, 0]), np.array([7, 7, 8]), np.array([1, 1, -1]), np.array([0.1, 0.1, 0.0]), 2)
+    assert two.tolist() == [0, 0, 0]
+    plan = compose(cluster, query, np.zeros((12, 1), dtype=np.int64) + query[:, None] + 100, 4, 7, "merge",
+                   second=second, margin=margin)
+    assert plan.counts["batches_mixed"] == 0 and plan.counts["rows_moved"] == 2
+    assert sorted(plan.cluster.tolist()) == sorted(got.tolist())
+
+
 def test_cluster_count():
     assert cluster_count(809, None, 32) == 6  # 809 // (4 * 32)
     assert cluster_count(809, None, 32, rows=919 * 5) == 6  # rows allow 17: the queries bound k

@@ -32,8 +32,10 @@ def passage_id_columns(fmt: str, n: int) -> list[str]:
     ]
 
 
-def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]) -> dict[str, np.ndarray]:
-    """Per staged row, in file order: file, row in file, cluster, query key and passage keys (n, m)."""
+def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str],
+             clusters: Files | None = None) -> dict[str, np.ndarray]:
+    """Per staged row, in file order: file, row in file, cluster, query key and passage keys (n, m);
+    with `clusters` (the cluster stage's files) also the query's second cluster and margin."""
     tables = [f.read_parquet(columns=["query_id", "cluster_id", *id_columns]) for f in staged]
     t = pa.concat_tables(tables)
     pids = {d for c in id_columns for d in pc.unique(t.column(c)).to_pylist()}
@@ -41,7 +43,14 @@ def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]
     qtext = queries.lookup(set(pc.unique(t.column("query_id")).to_pylist()), "text")
     qkey = {q: text_key(s) for q, s in qtext.items()}
     texts = np.array([[pkey[d] for d in t.column(c).to_pylist()] for c in id_columns], dtype=np.int64)
-    return {
+    out = {}
+    if clusters is not None:
+        ids = t.column("query_id").to_pylist()
+        second = clusters.lookup(set(ids), "second_cluster_id", key="query_id")
+        margin = clusters.lookup(set(ids), "cluster_margin", key="query_id")
+        out = {"second": np.array([second[q] for q in ids], dtype=np.int64),
+               "margin": np.array([margin[q] for q in ids], dtype=np.float64)}
+    return out | {
         "file": np.repeat(np.arange(len(tables), dtype=np.int32), [x.num_rows for x in tables]),
         "row": np.concatenate([np.arange(x.num_rows, dtype=np.int64) for x in tables]),
         "cluster": np.asarray(t.column("cluster_id").to_numpy(zero_copy_only=False), dtype=np.int64),
@@ -50,13 +59,15 @@ def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]
     }
 
 
-def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job) -> tuple[dict, dict[str, np.ndarray]]:
+def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job,
+                 clusters: Files | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(stats, plan): the batch plan of all staged rows, cut into at most as many output files as
-    were staged (Ray task)."""
+    were staged (Ray task). With `clusters`, boundary queries may move to their second cluster."""
     t0 = time.perf_counter()
     batch_size, partial, files = job.batch_size, job.partial_batches, len(staged)
-    k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives))
-    plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial)
+    k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives), clusters)
+    plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
+                           second=k.get("second"), margin=k.get("margin"))
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
     cuts = batches.split_files(sizes, max(1, min(files, len(sizes))))
     stats = {
@@ -66,7 +77,8 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job) -> tupl
         "files": len(cuts) - 1,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    out = {"file": k["file"][plan.order], "row": k["row"][plan.order], "batch_id": plan.batch_id, "cuts": cuts}
+    out = {"file": k["file"][plan.order], "row": k["row"][plan.order], "batch_id": plan.batch_id, "cuts": cuts,
+           "cluster": plan.cluster}
     return stats, out
 
 
@@ -95,12 +107,16 @@ def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File,
     else:
         table = staged.folder.read_parquet(staged.names[0]).slice(0, 0)
     table = table.append_column("batch_id", pa.array(plan["batch_id"][a:b], pa.int32()))
+    # a query moved to its second cluster (batches.rebalance) is written with the cluster it trains in
+    table = table.set_column(table.schema.get_field_index("cluster_id"), "cluster_id",
+                             pa.array(plan["cluster"][a:b], pa.int32()))
     groups = tuple(g for g in _groups(table, fmt) if g != "batches") + ("batches",)
     dst.write_parquet(conform(table, fmt, n=n, where=dst.uri, groups=groups))
     return table.num_rows
 
 
-def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queries: Files, job: Job) -> dict:
+def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queries: Files, job: Job,  # noqa: PLR0913
+                clusters: Files | None = None) -> dict:
     """Compose batches over every staged file, write the output data files, remove the staging folder.
 
     Returns the batch stats for the manifest (rows, batches, rows merged or dropped, ...).
@@ -110,7 +126,7 @@ def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queri
         raise RuntimeError(f"{staged.url}: no mined files to compose batches from")
     files = staged.files(names)
     res = Batch.RESOURCES
-    stats_ref, plan_ref = ex.submit(compose_plan, files, corpus, queries, job, res=res["plan"], returns=2)
+    stats_ref, plan_ref = ex.submit(compose_plan, files, corpus, queries, job, clusters, res=res["plan"], returns=2)
     stats = execution.get(stats_ref)
     parts = stats["files"]
     calls = [(files, plan_ref, i, data.file(f"train-{i:05d}-of-{parts:05d}.parquet"), job.format, job.num_negatives)
@@ -136,4 +152,6 @@ class Batch(Stage):
         return self.RESOURCES
 
     def run(self, run: Run, force: bool) -> None:
-        run.batch = run_batches(run.ex, run.mined, run.out.sub("data"), run.read.corpus, run.read.query_texts, run.job)
+        clusters = run.cluster.folder.files([s.name for s in run.read.query_shards])
+        run.batch = run_batches(run.ex, run.mined, run.out.sub("data"), run.read.corpus, run.read.query_texts, run.job,
+                                clusters)

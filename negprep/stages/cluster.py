@@ -28,6 +28,7 @@ from negprep.stages.base import Run, Stage
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2  # bump when the clusters files change shape (2: second cluster and margin)
 QUERIES_PER_CLUSTER_BATCH = 4  # derived k: clusters of at least ~4 batches' worth of queries ...
 ROWS_PER_CLUSTER_BATCH = 8  # ... and of ~8 batches' worth of rows
 
@@ -102,12 +103,16 @@ def assign_shard(query_emb: File, centroids: File, dst: File) -> list[int]:
     _, cent = load_embeddings(centroids)
     index = faiss.IndexFlatL2(cent.shape[1])
     index.add(np.ascontiguousarray(cent))
-    labels = np.zeros(len(qids), dtype=np.int64)
+    dist, labels = np.zeros((len(qids), 2), dtype=np.float32), np.full((len(qids), 2), -1, dtype=np.int64)
     if len(qids):
-        labels = index.search(np.ascontiguousarray(qvec), 1)[1][:, 0]
-    table = pa.table({"query_id": qids, "cluster_id": labels.astype(np.int32)})
+        dist, labels = index.search(np.ascontiguousarray(qvec), min(2, len(cent)))
+        if labels.shape[1] == 1:  # one centroid: no second choice
+            dist, labels = np.c_[dist, dist], np.c_[labels, np.full(len(qids), -1)]
+    table = pa.table({"query_id": qids, "cluster_id": labels[:, 0].astype(np.int32),
+                      "second_cluster_id": labels[:, 1].astype(np.int32),
+                      "cluster_margin": (dist[:, 1] - dist[:, 0]).astype(np.float32)})
     dst.write_parquet(conform(table, "clusters"))
-    return np.bincount(labels, minlength=len(cent)).tolist()
+    return np.bincount(labels[:, 0], minlength=len(cent)).tolist()
 
 
 class Cluster(Stage):
@@ -128,8 +133,8 @@ class Cluster(Stage):
         rows = run.read.positives * (job.num_negatives if job.format == "triplet" else 1)
         k = cluster_count(run.read.queries, job.clusters, job.batch_size, rows)
         sample = min(run.read.queries, max(c.sample, k))
-        cdir = run.work.sub("clusters", stage_key(queries.spec.key(), [s.digest for s in shards], k, sample, job.seed,
-                                                  c.iterations, job.embed.normalize))
+        cdir = run.work.sub("clusters", stage_key(FORMAT, queries.spec.key(), [s.digest for s in shards], k, sample,
+                                                  job.seed, c.iterations, job.embed.normalize))
         if force:
             cdir.rm("", recursive=True)
         if cdir.exists("stats.json"):
