@@ -20,7 +20,6 @@ import pyarrow as pa
 from negprep.paths import Folder
 from negprep.schemas import conform
 
-EXPORTS = ("flagembedding", "tevatron")
 SUFFIX = {"flagembedding": ".jsonl", "tevatron": ".parquet"}
 
 
