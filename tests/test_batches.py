@@ -115,13 +115,18 @@ def test_seeded_and_shuffled():
     assert (np.diff(first) != 0).sum() > 4
 
 
-def test_interleave_spreads_a_querys_rows():
+def test_interleave_spreads_rows_that_share_a_key():
     q = np.array([5, 5, 5, 6, 6, 7])
-    position, prio = interleave(q, np.random.default_rng(0))
+    texts = np.arange(6)[:, None] + 100  # distinct passages: the query is each row's most shared key
+    position, prio = interleave(np.zeros(6), q, texts, np.random.default_rng(0))
     # evenly over [0, 1): a query's first row near the start, its last near the end, whatever its count
     assert sorted(position[q == 5].tolist()) == pytest.approx([1 / 6, 1 / 2, 5 / 6])
     assert sorted(position[q == 6].tolist()) == [0.25, 0.75] and position[q == 7].tolist() == [0.5]
     assert len(set(prio[[0, 3, 5]].tolist())) == 3 and len(set(prio[q == 5].tolist())) == 1
+    # a passage that four queries share as a negative is spread by itself; in another cluster it counts apart
+    q4, shared = np.arange(4), np.full((4, 1), 99)
+    position, _ = interleave(np.array([0, 0, 0, 1]), q4, shared, np.random.default_rng(0))
+    assert sorted(position[:3].tolist()) == pytest.approx([1 / 6, 1 / 2, 5 / 6]) and position[3] == 0.5
 
 
 def test_pack_window_bounds_look_ahead():
