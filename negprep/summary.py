@@ -56,7 +56,8 @@ def format_summary(m: dict) -> str:
         lines.append(
             f"  batches of {b['batch_size']}: {_n(b['batches'])} ({_n(b['batches_mixed'])} mixed from cluster ends, "
             f"{_n(b['batches_short'])} short); rows in single-cluster batches "
-            f"{(b['rows_batched'] - b['rows_merged']) / max(1, b['rows']):.1%}, in mixed {_n(b['rows_merged'])}, "
+            f"{(b['rows_batched'] - b['rows_merged']) / max(1, b['rows']):.1%}, in mixed {_n(b['rows_merged'])} "
+            f"({b['rows_merged'] / max(1, b['rows']):.1%}), "
             f"dropped {_n(b['rows_dropped'])} (partial_batches: {b['partial_batches']})"
         )
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))

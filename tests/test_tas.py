@@ -213,6 +213,10 @@ def test_scifact_minilm_tas_balanced(ray_session, tmp_path):
     by_batch = _check_batches(rows, 32, m)
     # most batches are single-topic, and every written batch is whole
     assert b["batches_mixed"] < b["batches"] / 4 and len(by_batch) * 32 == len(rows)
+    single = sum(len(v) for v in by_batch.values() if len({r["cluster_id"] for r in v}) == 1)
+    # the target with 5 negatives: >= 90% of rows in single-cluster batches
+    assert round(single / b["rows"], 4) >= b["single_cluster_share"] >= 0.9
+    assert b["mixed_share"] == round(b["rows_merged"] / b["rows"], 4)
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
     # balanced sampling reaches deep into the window, not only the top ranks
     ranks = [r["negative_rank"] for r in rows]

@@ -70,8 +70,12 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job,
                            second=k.get("second"), margin=k.get("margin"))
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
     cuts = batches.split_files(sizes, max(1, min(files, len(sizes))))
+    c = plan.counts
     stats = {
-        **plan.counts,
+        **c,
+        # what TAS-Balanced is for: the share of rows whose batch holds one cluster only
+        "single_cluster_share": round((c["rows_batched"] - c["rows_merged"]) / max(1, c["rows"]), 4),
+        "mixed_share": round(c["rows_merged"] / max(1, c["rows"]), 4),
         "batch_size": batch_size,
         "partial_batches": partial,
         "files": len(cuts) - 1,
