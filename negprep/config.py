@@ -91,7 +91,7 @@ class EmbedConfig(_Strict):
         "Bi-encoders only")
     runtime: Literal["torch", "onnxruntime"] = Field(
         "torch", description="what runs the model: onnxruntime runs an ONNX export (made once per model, before "
-        "Ray starts, kept in the work directory) with no torch in the actors, about half the memory per actor; "
+        "the actors start, kept in the work directory) with no torch in the actors, about half the memory per actor; "
         "float32 or int8 (the same per-token int8 as torch's)")
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
 """Exporting an encoder to ONNX for `embed.runtime: onnxruntime`.
 
 The export (torch's TorchScript-based ONNX exporter, then `quantize_onnx` for int8) runs once per
-model and settings, in a child process before Ray starts: neither the driver nor any Ray worker
-imports torch for it, and its memory is gone before the first actor starts. An onnxruntime actor
+model and settings, in a child process that the embed stage (or a bi-encoder guide) starts before
+its actors: neither the driver nor any Ray worker imports torch for it, and its memory is gone
+before the first actor starts. An onnxruntime actor
 then holds onnxruntime, the tokenizer and the model (measured on MiniLM int8 in a SciFact job: the
 actor peaked at 407 MB, against 789 MB for torch int8).
 

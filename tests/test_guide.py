@@ -110,7 +110,7 @@ def test_biencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
     m = run_job(_job(tmp_path, demo_data, tiny_bert, g))
     rows = _check(tmp_path, m)
     assert m["stages"]["guide"]["passages"] <= m["counts"]["passages"]  # only the texts it needs
-    # the guide on onnxruntime (exported before Ray starts; the miner stays on torch): the same scores
+    # the guide on onnxruntime (exported before the guide's actors start; the miner stays on torch): the same scores
     onnx = run_job(_job(tmp_path, demo_data, tiny_bert, {**g, "runtime": "onnxruntime"}), overwrite=True)
     assert len(list((tmp_path / "work" / "models").iterdir())) == 1 and onnx["counts"] == m["counts"]
     score = {(r["query_id"], r["negative_id"]): r["negative_guide_score"] for r in rows}

@@ -85,7 +85,7 @@ def test_onnxruntime_job_exports_once_and_reuses_the_export(ray_session, tiny_be
 
     job = _job(tmp_path, demo_data, tiny_bert, embed={"batch_size": 16, "runtime": "onnxruntime"})
     first = run_job(job)
-    (export,) = (tmp_path / "work" / "models").iterdir()  # made before Ray started, in the work directory
+    (export,) = (tmp_path / "work" / "models").iterdir()  # made before the actors started, in the work directory
     assert {p.name for p in export.iterdir()} == {"model.onnx", "tokenizer.json", "meta.json", "_SUCCESS"}
     made = (export / "model.onnx").stat().st_mtime_ns
     # eager attention: the SDPA export's NaN guard over every attention score cost a quarter of the time
