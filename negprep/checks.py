@@ -69,12 +69,13 @@ def _blank(col: str) -> pl.Expr:
     return pl.col(col).str.strip_chars().str.len_chars() == 0
 
 
-class _Rows:
+class Rows:
     """One input's rows on their way through the checks; rejects keep reason, line and message."""
 
     def __init__(self, role: str, table: RawTable):
         self.role, self.t = role, table
         self.name = table.url
+        self.rows_read = table.rows_read  # the whole input's, when `table` holds several pieces' rows
         self.rejected: list[pl.DataFrame] = []
         if table.problems:
             p = table.problems
@@ -145,9 +146,17 @@ class _Rows:
             pl.format(f"{what} of {{}} characters is longer than read.max_text_chars ({limit})", n),
         )
 
-    def dedup(self, df: pl.DataFrame, key: list[str], reason: str, what: str) -> pl.DataFrame:
-        """Keep the first row of each key; later ones are rejected naming the first one's line."""
-        df = df.with_columns(pl.col(LINE).min().over(key).alias(_C_FIRST))
+    def dedup(self, df: pl.DataFrame, key: list[str], reason: str, what: str,
+              first: pl.DataFrame | None = None) -> pl.DataFrame:
+        """Keep the first row of each key; later ones are rejected naming the first one's line.
+
+        `first` (LINE -> first line of its key) gives the first lines when `df` is one piece of an
+        input whose duplicates were found across pieces (negprep.stages.read)."""
+        if first is None:
+            df = df.with_columns(pl.col(LINE).min().over(key).alias(_C_FIRST))
+        else:
+            df = df.join(first, on=LINE, how="left", maintain_order="left")
+            df = df.with_columns(pl.col(_C_FIRST).fill_null(pl.col(LINE)))
         shown = pl.concat_str([pl.col(k).str.slice(0, 80) for k in key], separator="', '")
         detail = pl.format(f"{what} '{{}}' (first on {self.t.unit} {{}})", shown, pl.col(_C_FIRST))
         return self.reject(df, pl.col(LINE) != pl.col(_C_FIRST), reason, detail).drop(_C_FIRST)
@@ -175,7 +184,8 @@ def _text_expr(text_col: str, title_col: str | None, tmpl: str) -> pl.Expr:
     return pl.when(title.str.strip_chars() == "").then(text).otherwise(pl.concat_str(pieces).str.strip_chars())
 
 
-def _corpus(rows: _Rows, job: Job) -> pl.DataFrame:
+def corpus_rows(rows: Rows, job: Job) -> pl.DataFrame:
+    """The corpus rows that pass the per-row checks (duplicates are found afterwards)."""
     id_col = rows.pick(_ID, "id")
     text_col = rows.pick(_TEXT_CORPUS, "text")
     title_col = rows.pick(("title",), "title", required=False)
@@ -190,16 +200,15 @@ def _corpus(rows: _Rows, job: Job) -> pl.DataFrame:
     )
     df = rows.reject(df, _blank(_C_ID), "missing_id", pl.format("no id ('{}' is empty)", pl.lit(id_col)))
     df = rows.reject(df, _blank(_C_TEXT), "empty_text", pl.format("empty text (id '{}')", pl.col(_C_ID)))
-    df = rows.too_long(df, _C_TEXT, job.read.max_text_chars)
-    df = rows.dedup(df, [_C_ID], "duplicate_id", "duplicate id")
-    return df
+    return rows.too_long(df, _C_TEXT, job.read.max_text_chars)
 
 
 def _template_parts(tmpl: str) -> list[str]:
     return [p for p in re.split(r"(\{title\}|\{text\})", tmpl) if p]
 
 
-def _queries(rows: _Rows, job: Job) -> pl.DataFrame:
+def query_rows(rows: Rows, job: Job) -> pl.DataFrame:
+    """The query rows that pass the per-row checks (duplicates are found afterwards)."""
     id_col = rows.pick(_ID, "id")
     text_col = rows.pick(_TEXT_QUERY, "text")
     df = rows.check_type(rows.t.frame, id_col, _ID_TYPES)
@@ -207,11 +216,11 @@ def _queries(rows: _Rows, job: Job) -> pl.DataFrame:
     df = df.with_columns(pl.col(id_col).cast(pl.String).alias(_C_ID), pl.col(text_col).cast(pl.String).alias(_C_TEXT))
     df = rows.reject(df, _blank(_C_ID), "missing_id", pl.format("no id ('{}' is empty)", pl.lit(id_col)))
     df = rows.reject(df, _blank(_C_TEXT), "empty_text", pl.format("empty query text (id '{}')", pl.col(_C_ID)))
-    df = rows.too_long(df, _C_TEXT, job.read.max_text_chars, "query text")
-    return rows.dedup(df, [_C_ID], "duplicate_id", "duplicate id")
+    return rows.too_long(df, _C_TEXT, job.read.max_text_chars, "query text")
 
 
-def _qrels(rows: _Rows) -> pl.DataFrame:
+def qrel_rows(rows: Rows, job: Job) -> pl.DataFrame:
+    """The qrels rows that pass the per-row checks (duplicates and references come afterwards)."""
     q = rows.pick(_QREL_Q, "query id")
     d = rows.pick(_QREL_D, "passage id")
     s = rows.pick(_SCORE, "score", required=False)
@@ -228,42 +237,60 @@ def _qrels(rows: _Rows) -> pl.DataFrame:
     if s:
         bad = pl.col(_C_SCORE).is_null() | pl.col(_C_SCORE).is_nan() | pl.col(_C_SCORE).is_infinite()
         df = rows.reject(df, bad, "score_not_a_number", pl.format("score '{}' is not a number", pl.col(s)))
-    return rows.dedup(df, [_C_Q, _C_D], "duplicate_judgment", "duplicate judgment of")
+    return df
 
 
-def _references(rows: _Rows, qrels: pl.DataFrame, col: str, what: str, valid: pl.DataFrame, src: _Rows) -> pl.DataFrame:
-    """A qrel must name a usable row of `src`: unknown ids and ids of rejected rows are rejected."""
-    ids = src.t.frame.select(pl.col(src.pick(_ID, "id")).cast(pl.String).alias(_C_REF), pl.col(LINE))
-    ok = pl.col(col).is_in(valid[_C_ID].implode())
-    name = pl.lit(src.name.rsplit("/", 1)[-1])
+def id_lines(rows: Rows) -> pl.DataFrame:
+    """(id, line, reason) of every parsed row of an input with an id column; reason is null for rows
+    the per-row checks kept. What a qrel's reference is checked against."""
+    if rows.t.frame.height == 0:
+        return pl.DataFrame(schema={_C_REF: pl.String, LINE: pl.Int64, _C_WHY: pl.String})
+    ids = rows.t.frame.select(pl.col(rows.pick(_ID, "id")).cast(pl.String).alias(_C_REF), pl.col(LINE))
+    if rows.rejected:
+        why = pl.concat(rows.rejected).select(pl.col("line").alias(LINE), pl.col("reason").alias(_C_WHY))
+        return ids.join(why.unique(LINE, keep="first"), on=LINE, how="left", maintain_order="left")
+    return ids.with_columns(pl.lit(None, pl.String).alias(_C_WHY))
+
+
+def id_status(ids: pl.DataFrame) -> pl.DataFrame:
+    """Per id of `id_lines` (one input, or one bucket of ids gathered from its pieces): whether a
+    row with it was kept (`ok`), else the line and reason of its first rejected row."""
+    bad = pl.col(_C_WHY).is_not_null()
+    return ids.sort(LINE).group_by(_C_REF, maintain_order=True).agg(
+        (~bad).any().alias("ok"),
+        pl.col(LINE).filter(bad).first().alias(_C_WHERE),
+        pl.col(_C_WHY).filter(bad).first(),
+    )
+
+
+def _references(rows: Rows, qrels: pl.DataFrame, col: str, what: str, status: pl.DataFrame,
+                src: tuple[str, str]) -> pl.DataFrame:
+    """A qrel must name a usable row of the input `src` (its name and unit): unknown ids and ids of
+    rejected rows are rejected. `status` is that input's `id_status`."""
+    name = pl.lit(src[0].rsplit("/", 1)[-1])
     noun = "query" if what == "query" else "passage"
+    qrels = qrels.join(status.rename({_C_REF: col}), on=col, how="left", maintain_order="left")
     qrels = rows.reject(
         qrels,
-        ~ok & ~pl.col(col).is_in(ids[_C_REF].implode()),
+        pl.col("ok").is_null(),
         f"unknown_{what}_id",
         pl.format(f"unknown {noun} id '{{}}' (not in {{}})", pl.col(col), name),
     )
-    if not src.rejected:
-        return qrels
-    # name the line and reason of the rejected row, so one look at the message explains both
-    why = pl.concat(src.rejected).select(pl.col("line").alias(LINE), pl.col("reason").alias(_C_WHY))
-    why = ids.join(why, on=LINE).group_by(_C_REF, maintain_order=True).first()
-    qrels = qrels.join(why.rename({LINE: _C_WHERE}), left_on=col, right_on=_C_REF, how="left", maintain_order="left")
     detail = pl.format(
-        f"{noun} '{{}}' is a rejected row of {{}} ({src.t.unit} {{}}: {{}})",
+        f"{noun} '{{}}' is a rejected row of {{}} ({src[1]} {{}}: {{}})",
         pl.col(col),
         name,
         pl.col(_C_WHERE),
         pl.col(_C_WHY),
     )
-    return rows.reject(qrels, ~ok, f"rejected_{what}_id", detail).drop(_C_WHERE, _C_WHY)
+    return rows.reject(qrels, ~pl.col("ok"), f"rejected_{what}_id", detail).drop("ok", _C_WHERE, _C_WHY)
 
 
 def _text_id(prefix: str, text: str) -> str:
     return prefix + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _from_pairs(rows: _Rows, spec: PairsInput, job: Job) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _from_pairs(rows: Rows, spec: PairsInput, job: Job) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     qcol = rows.pick(tuple(dict.fromkeys((spec.query_column, "query", "anchor"))), "query")
     pcol = rows.pick((spec.positive_column,), "positive")
     df = rows.check_type(rows.t.frame, qcol, _TEXT_TYPES)
@@ -292,50 +319,79 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
     (schemas/rejected_input.yaml), per-input stats (rows read = used + unused + rejected by reason)
     and `problems`, one message per rejected row, first ones first. Under `policy` (default: the
     job's on_bad_input) `strict`, any rejected row raises InputError with the first message instead.
+    The read stage does the same piece by piece (negprep.stages.read), with these functions.
     """
-    policy = policy or job.on_bad_input
-    rows = {role: _Rows(role, t) for role, t in tables.items()}
+    rows = {role: Rows(role, t) for role, t in tables.items()}
     for r in rows.values():
-        if r.t.frame.height == 0:
-            if r.t.problems:
-                p = r.t.problems[0]
-                raise InputError(f"{r.message(p.line, p.detail)} (and no row of the file is readable)")
-            raise InputError(f"{r.name}: no rows")
-    unused: dict[str, dict[str, int]] = {role: {} for role in rows}
+        require_rows(r, r.t.frame.height)
     if "pairs" in rows:
-        corpus, queries, qrels = _from_pairs(rows["pairs"], job.input, job)
-        positives = qrels
-        used = {"pairs": qrels.height}
+        corpus, queries, positives = _from_pairs(rows["pairs"], job.input, job)
+        used, unused = {"pairs": positives.height}, {"pairs": {}}
     else:
-        corpus = _corpus(rows["corpus"], job)
-        queries = _queries(rows["queries"], job)
-        qr = _qrels(rows["qrels"])
-        qr = _references(rows["qrels"], qr, _C_Q, "query", queries, rows["queries"])
-        qr = _references(rows["qrels"], qr, _C_D, "doc", corpus, rows["corpus"])
-        is_pos = pl.col(_C_SCORE) > 0
-        positives = qr.filter(is_pos).select(
-            pl.col(_C_Q).alias("query_id"),
-            pl.col(_C_D).alias("doc_id"),
-            pl.col(_C_SCORE).cast(pl.Float32).alias("score"),
-        )
-        judged = queries[_C_ID].is_in(positives["query_id"].implode())
-        unused["queries"]["no_positive"] = int((~judged).sum())
-        unused["qrels"]["not_positive"] = qr.height - positives.height
-        if unused["queries"]["no_positive"]:
-            # normal for BEIR: queries.jsonl holds every split's queries
-            n = unused["queries"]["no_positive"]
-            log.info("%s: %d queries have no positive in this split: not used", rows["queries"].name, n)
-        queries = queries.filter(judged)
+        c, q, r = rows["corpus"], rows["queries"], rows["qrels"]
+        corpus = c.dedup(corpus_rows(c, job), [_C_ID], "duplicate_id", "duplicate id")
+        queries, positives, unused = link(job, q, query_rows(q, job), id_lines(q), r, qrel_rows(r, job),
+                                          id_status(id_lines(c)), (c.name, c.t.unit))
         corpus = corpus.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
-        queries = queries.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
         used = {"corpus": corpus.height, "queries": queries.height, "qrels": positives.height}
+        unused["corpus"] = {}
+    stats, rejected = account(rows, used, unused, policy or job.on_bad_input, positives.height)
+    return {
+        "corpus": corpus,
+        "queries": queries,
+        "qrels": positives,
+        "exclusions": twin_exclusions(queries, positives),
+        "rejected": rejected,
+        "stats": stats,
+    }
+
+
+def require_rows(rows: Rows, parsed: int) -> None:
+    """An input with no parsed row at all stops the job, naming its first problem if it has one."""
+    if parsed:
+        return
+    problems = [df for df in rows.rejected if df.height]
+    if problems:
+        p = pl.concat(problems).sort("line").row(0, named=True)
+        raise InputError(f"{rows.message(p['line'], p['detail'])} (and no row of the file is readable)")
+    raise InputError(f"{rows.name}: no rows")
+
+
+def link(job: Job, q: Rows, queries: pl.DataFrame, query_ids: pl.DataFrame, r: Rows, qrels: pl.DataFrame,
+         doc_status: pl.DataFrame, corpus: tuple[str, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Queries and qrels after their per-row checks -> (queries with a positive, positives, unused
+    counts): duplicates, references to queries and passages (`doc_status`: the corpus's
+    `id_status` for the qrels' passage ids; `corpus`: its name and unit), positives."""
+    queries = q.dedup(queries, [_C_ID], "duplicate_id", "duplicate id")
+    qrels = r.dedup(qrels, [_C_Q, _C_D], "duplicate_judgment", "duplicate judgment of")
+    qrels = _references(r, qrels, _C_Q, "query", id_status(query_ids), (q.name, q.t.unit))
+    qrels = _references(r, qrels, _C_D, "doc", doc_status, corpus)
+    positives = qrels.filter(pl.col(_C_SCORE) > 0).select(
+        pl.col(_C_Q).alias("query_id"),
+        pl.col(_C_D).alias("doc_id"),
+        pl.col(_C_SCORE).cast(pl.Float32).alias("score"),
+    )
+    judged = queries[_C_ID].is_in(positives["query_id"].implode())
+    unused = {"queries": {"no_positive": int((~judged).sum())},
+              "qrels": {"not_positive": qrels.height - positives.height}}
+    if unused["queries"]["no_positive"]:
+        # normal for BEIR: queries.jsonl holds every split's queries
+        log.info("%s: %d queries have no positive in this split: not used", q.name, unused["queries"]["no_positive"])
+    queries = queries.filter(judged).select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
+    return queries, positives, unused
+
+
+def account(rows: dict[str, Rows], used: dict[str, int], unused: dict[str, dict[str, int]], policy: str,
+            positives: int) -> tuple[dict[str, dict], pl.DataFrame]:
+    """Per-input stats (rows read = used + unused + rejected by reason) and all rejected rows; under
+    `strict` the first rejected row raises, and no positive at all always does."""
     rejected = {role: r.frame() for role, r in rows.items()}
     stats: dict[str, dict] = {}
     for role, r in rows.items():
         rej = rejected[role]
         by_reason = dict(sorted(Counter(rej["reason"].to_list()).items()))
         s = {
-            "rows_read": r.t.rows_read,
+            "rows_read": r.rows_read,
             "rows_used": used[role],
             **{f"rows_unused_{k}": v for k, v in unused[role].items()},
             "rows_rejected": rej.height,
@@ -349,19 +405,12 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
     all_rejected = pl.concat(list(rejected.values()))
     if policy == "strict" and all_rejected.height:
         raise InputError(_strict_message(rows, rejected))
-    if positives.height == 0:
+    if positives == 0:
         role = "pairs" if "pairs" in rows else "qrels"
         s = stats[role]
         why = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **unused.get(role, {})}.items()) or "no rows"
         raise InputError(f"{rows[role].name}: no usable (query, positive) pair ({why})")
-    return {
-        "corpus": corpus,
-        "queries": queries,
-        "qrels": positives,
-        "exclusions": twin_exclusions(queries, positives),
-        "rejected": all_rejected,
-        "stats": stats,
-    }
+    return stats, all_rejected
 
 
 def twin_exclusions(queries: pl.DataFrame, positives: pl.DataFrame) -> pl.DataFrame:
@@ -375,7 +424,7 @@ def twin_exclusions(queries: pl.DataFrame, positives: pl.DataFrame) -> pl.DataFr
     return shared.join(own, on=["query_id", "doc_id"], how="anti").unique().sort("query_id", "doc_id")
 
 
-def _strict_message(rows: dict[str, _Rows], rejected: dict[str, pl.DataFrame]) -> str:
+def _strict_message(rows: dict[str, Rows], rejected: dict[str, pl.DataFrame]) -> str:
     role = next(r for r, df in rejected.items() if df.height)
     first = rejected[role].row(0, named=True)
     counts = Counter(x for df in rejected.values() for x in df["reason"].to_list())
@@ -395,3 +444,75 @@ def check_inputs(job: Job) -> dict[str, dict]:
     tables = {role: load_table(url, job.storage) for role, url in files.items()}
     stats = normalise(job, tables)["stats"]
     return {role: {**s, "path": redact(files[role])} for role, s in stats.items()}
+
+
+# --- the same checks piece by piece (negprep.stages.read): per-row checks in each piece's task,
+# duplicate passage ids by bucket of ids across all pieces, then queries and qrels in one task
+
+_CHECKS = {"corpus": corpus_rows, "queries": query_rows, "qrels": qrel_rows}
+
+
+def check_piece(job: Job, role: str, table: RawTable) -> tuple[Rows, pl.DataFrame]:
+    """One piece of a corpus, queries or qrels input through its per-row checks: its `Rows` (with
+    the rows it rejected) and the rows kept, with the input's own columns and the normalised ones."""
+    rows = Rows(role, table)
+    if table.frame.height == 0:
+        return rows, pl.DataFrame(schema={LINE: pl.Int64})
+    return rows, _CHECKS[role](rows, job)
+
+
+def bucketed_ids(role: str, rows: Rows, kept: pl.DataFrame, buckets: int) -> pl.DataFrame:
+    """What a piece contributes to the buckets of passage ids, with a `bucket` column: a corpus
+    piece every parsed row's (id, line, reason), a qrels piece the passage ids its rows name."""
+    if role == "corpus":
+        ids = id_lines(rows)
+    elif kept.height:
+        ids = kept.select(pl.col(_C_D).alias(_C_REF)).unique(maintain_order=True)
+    else:
+        ids = pl.DataFrame(schema={_C_REF: pl.String})
+    # polars' hash is stable within a version; the read stage's key holds the polars version
+    return ids.with_columns((pl.col(_C_REF).hash(seed=7) % buckets).cast(pl.Int32).alias("bucket")).sort("bucket")
+
+
+def duplicate_lines(ids: pl.DataFrame) -> pl.DataFrame:
+    """(line, first line) of every kept row whose id a kept row on an earlier line already has,
+    from one bucket's `bucketed_ids` of all corpus pieces: duplicates across pieces, in file order."""
+    kept = ids.filter(pl.col(_C_WHY).is_null())
+    kept = kept.with_columns(pl.col(LINE).min().over(_C_REF).alias(_C_FIRST))
+    return kept.filter(pl.col(LINE) != pl.col(_C_FIRST)).drop(_C_REF, _C_WHY, "bucket", strict=False)
+
+
+def reference_status(ids: pl.DataFrame, docs: pl.DataFrame) -> pl.DataFrame:
+    """`id_status` of the passage ids that qrels name (`docs`), from one bucket of corpus ids."""
+    return id_status(ids.join(docs.select(_C_REF).unique(), on=_C_REF, how="semi"))
+
+
+def piece_passages(rows: Rows, kept: pl.DataFrame, duplicates: pl.DataFrame) -> pl.DataFrame:
+    """A corpus piece's passages (id, text) once the `duplicate_lines` in it are rejected."""
+    if kept.height == 0:
+        return pl.DataFrame(schema={"id": pl.String, "text": pl.String})
+    kept = rows.dedup(kept, [_C_ID], "duplicate_id", "duplicate id", first=duplicates)
+    return kept.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
+
+
+def joined(role: str, url: str, fmt: str, kept: list[pl.DataFrame], rejected: list[pl.DataFrame],
+           rows_read: int) -> tuple[Rows, pl.DataFrame]:
+    """The `Rows` of a whole input (or piece) from its pieces' kept rows and rejected rows
+    (`Rows.frame()`), and the kept rows as one frame."""
+    frame = pl.concat(kept, how="diagonal_relaxed") if kept else pl.DataFrame(schema={LINE: pl.Int64})
+    raw = [c for c in frame.columns if not c.startswith(PREFIX) or c == LINE]
+    rows = Rows(role, RawTable(url, fmt, frame.select(raw)))
+    rows.rows_read = rows_read
+    rows.rejected = [df.select(list(_REJECTED_SCHEMA)) for df in rejected if df.height]
+    return rows, frame
+
+
+def link_pieces(job: Job, q: Rows, queries: pl.DataFrame, query_ids: pl.DataFrame, r: Rows, qrels: pl.DataFrame,
+                doc_status: pl.DataFrame, c: Rows, passages: int) -> dict[str, Any]:
+    """`normalise`'s result for an input read piece by piece (without the corpus, already in shards)."""
+    queries, positives, unused = link(job, q, queries, query_ids, r, qrels, doc_status, (c.name, c.t.unit))
+    used = {"corpus": passages, "queries": queries.height, "qrels": positives.height}
+    rows = {"corpus": c, "queries": q, "qrels": r}
+    stats, rejected = account(rows, used, {"corpus": {}, **unused}, job.on_bad_input, positives.height)
+    return {"queries": queries, "qrels": positives, "exclusions": twin_exclusions(queries, positives),
+            "rejected": rejected, "stats": stats}

@@ -54,6 +54,9 @@ class ReadConfig(_Strict):
     title_template: str = Field("{title} {text}", description="how title and text join; {title} and {text}")
     shard_rows: int = Field(20_000, gt=0, description="passages per corpus shard (the unit of work and resume)")
     query_shard_rows: int = Field(20_000, gt=0, description="queries per query shard")
+    piece_mb: float = Field(
+        32, gt=0, description="input bytes one read task holds: a larger file is cut into pieces read in parallel"
+    )
     max_text_chars: int | None = Field(
         100_000, gt=0, description="a longer passage or query is bad input (text_too_long); null: no limit"
     )

@@ -31,6 +31,7 @@ LINE = PREFIX + "line__"  # 1-based line (text formats) or row (Parquet) of each
 MAX_FIELDS = 10_000  # more distinct JSON keys than this is not a table
 NOT_UTF8 = "not_utf8"  # cell type of a Parquet byte string that does not decode
 
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FORMATS = {
@@ -65,6 +66,8 @@ class RawTable:
     #: JSON and Parquet: column -> type ("a number", "an object", ..., NOT_UTF8) -> lines of values that
     #: are not strings; compact arrays, since a corpus with numeric ids has one entry per row
     cell_types: dict[str, dict[str, array]] = field(default_factory=dict)
+    #: CSV/TSV: the data ended inside a quoted field (a piece cut inside a record that spans lines)
+    open_quote_at_end: bool = False
     #: Parquet: column -> type of a column that is not a string column ("integer", "float", "list", ...)
     column_types: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
@@ -82,13 +85,34 @@ class RawTable:
         return self.frame.height + len(self.problems)
 
 
+def compression(url: str) -> str | None:
+    """gzip or zstd for a compressed text file (.gz, .zst), from its name; None otherwise."""
+    name = url.rstrip("/").lower()
+    return next((codec for ext, codec in _COMPRESSION.items() if name.endswith(ext)), None)
+
+
 def table_format(url: str) -> str:
-    """jsonl, parquet, csv or tsv, from the file name; InputError for anything else."""
+    """jsonl, parquet, csv or tsv, from the file name (a .gz or .zst text file too); InputError for
+    anything else."""
     name = url.rstrip("/").rsplit("/", 1)[-1].lower()
+    codec = compression(name)
+    if codec:
+        name = name.rsplit(".", 1)[0]
     for ext, fmt in _FORMATS.items():
-        if name.endswith(ext):
+        if name.endswith(ext) and not (codec and fmt == "parquet"):
             return fmt
-    raise InputError(f"{url}: unknown table format (use .jsonl, .parquet, .csv or .tsv)")
+    raise InputError(f"{url}: unknown table format (use .jsonl, .parquet, .csv or .tsv; .gz or .zst for text)")
+
+
+def decompress(data: bytes, url: str) -> bytes:
+    """The bytes of a file, decompressed when its name says it is compressed."""
+    codec = compression(url)
+    if not codec:
+        return data
+    try:
+        return pa.input_stream(pa.BufferReader(data), compression=codec).read()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"{url}: not a readable {codec} file: {str(e).splitlines()[0]}") from None
 
 
 def load_table(url: str, storage_options: dict | None = None) -> RawTable:
@@ -101,23 +125,31 @@ def load_table(url: str, storage_options: dict | None = None) -> RawTable:
         raise InputError(f"{url}: file not found") from None
     except (IsADirectoryError, PermissionError, OSError) as e:
         raise InputError(f"{url}: cannot read: {e}") from None
-    return parse_table(data, fmt, url)
+    return parse_table(decompress(data, url), fmt, url)
 
 
-def parse_table(data: bytes, fmt: str, url: str) -> RawTable:
-    """Parse the bytes of a file in format `fmt` (see `table_format`); `url` names it in messages."""
+def parse_table(data: bytes, fmt: str, url: str, first: int = 1, header: list[str] | None = None) -> RawTable:
+    """Parse the bytes of a file in format `fmt` (see `table_format`); `url` names it in messages.
+
+    A piece of a text file (negprep.pieces) starts at line `first`; a CSV/TSV piece after the
+    first gets the file's `header`.
+    """
     if fmt == "jsonl":
-        t = _parse_jsonl(data, url)
+        t = _parse_jsonl(data, url, first)
     elif fmt == "parquet":
-        t = _parse_parquet(data, url)
+        t = parquet_table(_read_parquet(data, url), url)
     elif fmt in ("csv", "tsv"):
-        t = _parse_csv(data, url, "\t" if fmt == "tsv" else ",")
+        t = _parse_csv(data, url, "\t" if fmt == "tsv" else ",", first, header)
     else:
         raise InputError(f"{url}: unknown table format {fmt!r}")
     t.sha256 = hashlib.sha256(data).hexdigest()
+    return _no_reserved(t)
+
+
+def _no_reserved(t: RawTable) -> RawTable:
     reserved = [c for c in t.columns if c.startswith(PREFIX)]
     if reserved:
-        raise InputError(f"{url}: column name '{reserved[0]}' is reserved (prefix {PREFIX})")
+        raise InputError(f"{t.url}: column name '{reserved[0]}' is reserved (prefix {PREFIX})")
     return t
 
 
@@ -131,7 +163,7 @@ def _printable(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _parse_jsonl(data: bytes, url: str) -> RawTable:
+def _parse_jsonl(data: bytes, url: str, first: int = 1) -> RawTable:
     data = data.removeprefix(_BOM)
     rows: list[dict] = []
     lines: list[int] = []
@@ -139,7 +171,7 @@ def _parse_jsonl(data: bytes, url: str) -> RawTable:
     types: dict[str, dict[str, array]] = {}
     keys: dict[str, None] = {}
     # split on b"\n" only: str.splitlines would also break at U+2028 and friends, valid inside JSON
-    for n, raw in enumerate(data.split(b"\n"), 1):
+    for n, raw in enumerate(data.split(b"\n"), first):
         raw = raw.removesuffix(b"\r")
         if not raw.strip():
             continue
@@ -198,17 +230,17 @@ def _json_type(v: object) -> str:
     return "a string"
 
 
-def _parse_csv(data: bytes, url: str, sep: str) -> RawTable:
+def _parse_csv(data: bytes, url: str, sep: str, first: int = 1, header: list[str] | None = None) -> RawTable:
     data = data.removeprefix(_BOM)
     # surrogateescape keeps undecodable bytes as lone surrogates, so a bad byte costs one record
     text = data.decode("utf-8", "surrogateescape")
     src = list(io.StringIO(text, newline=""))  # lines as csv sees them (\n, \r\n or \r)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long fields are judged by read.max_text_chars
     reader = csv.reader(iter(src), delimiter=sep, quotechar='"', strict=True)
-    header: list[str] | None = None
     rows: list[dict] = []
     lines: list[int] = []
     problems: list[Problem] = []
+    open_at_end = False
     end = 0
     while True:
         start = end + 1
@@ -219,15 +251,18 @@ def _parse_csv(data: bytes, url: str, sep: str) -> RawTable:
         except csv.Error as e:
             end = reader.line_num
             raw = "".join(src[start - 1 : end])
-            span = f" (the record runs over lines {start}-{end})" if end > start else ""
+            at = start + first - 1
+            span = f" (the record runs over lines {at}-{end + first - 1})" if end > start else ""
             if header is None:
-                raise InputError(f"{url}: line {start}: header: CSV quoting error: {e}{span}") from None
-            problems.append(Problem(start, "csv_error", f"CSV quoting error: {e}{span}", _clean(raw)))
+                raise InputError(f"{url}: line {at}: header: CSV quoting error: {e}{span}") from None
+            open_at_end = end == len(src) and "unexpected end of data" in str(e)
+            problems.append(Problem(at, "csv_error", f"CSV quoting error: {e}{span}", _clean(raw)))
             continue
         end = reader.line_num
         if not rec:
             continue  # a blank line is not a row
         raw = "".join(src[start - 1 : end])
+        start += first - 1
         if header is None:
             if any(_SURROGATE.search(h) for h in rec):
                 raise InputError(f"{url}: line {start}: header: bytes that are not UTF-8")
@@ -246,7 +281,18 @@ def _parse_csv(data: bytes, url: str, sep: str) -> RawTable:
             continue
         rows.append(dict(zip(header, rec, strict=True)))
         lines.append(start)
-    return RawTable(url, "csv" if sep == "," else "tsv", _frame(header or [], rows, lines), problems)
+    t = RawTable(url, "csv" if sep == "," else "tsv", _frame(header or [], rows, lines), problems)
+    t.open_quote_at_end = open_at_end
+    return t
+
+
+def csv_header(data: bytes, url: str, fmt: str) -> list[str]:
+    """The header of a CSV/TSV file from its first bytes (pieces after the first need it)."""
+    text = data.removeprefix(_BOM).decode("utf-8", "surrogateescape")
+    for rec in csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",", quotechar='"'):
+        if rec:
+            return rec
+    raise InputError(f"{url}: no header in the first {len(data):,} bytes")
 
 
 def _numeric(s: str) -> bool:
@@ -262,11 +308,15 @@ def _clean(raw: str) -> str:
     return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _parse_parquet(data: bytes, url: str) -> RawTable:
+def _read_parquet(data: bytes, url: str) -> pa.Table:
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        return pq.read_table(pa.BufferReader(data))
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file as a whole is unusable
         raise InputError(f"{url}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
+
+
+def parquet_table(table: pa.Table, url: str, first: int = 1) -> RawTable:
+    """Parquet rows (a whole file, or row groups starting at row `first`) as a `RawTable`."""
     names = table.column_names
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
@@ -283,7 +333,7 @@ def _parse_parquet(data: bytes, url: str) -> RawTable:
         elif pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_binary_view(typ):
             # text written without the UTF-8 annotation is still text; bytes that do not decode are marked
             values = []
-            for i, b in enumerate(col.to_pylist(), 1):
+            for i, b in enumerate(col.to_pylist(), first):
                 try:
                     values.append(None if b is None else b.decode("utf-8"))
                 except UnicodeDecodeError:
@@ -304,5 +354,5 @@ def _parse_parquet(data: bytes, url: str) -> RawTable:
                 s = pl.Series(name, [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()])
         cols[name] = s
     df = pl.DataFrame(list(cols.values())) if cols else pl.DataFrame()
-    df = df.with_columns(pl.Series(LINE, range(1, table.num_rows + 1), dtype=pl.Int64))
-    return RawTable(url, "parquet", df, [], cell_types=cell_types, column_types=column_types)
+    df = df.with_columns(pl.Series(LINE, range(first, first + table.num_rows), dtype=pl.Int64))
+    return _no_reserved(RawTable(url, "parquet", df, [], cell_types=cell_types, column_types=column_types))
