@@ -56,9 +56,9 @@ def plan(role: str, url: str, size: int, piece_bytes: int, storage: dict | None 
     `with_lines` has the newline counts)."""
     fmt = table_format(url)
     whole = [Piece(role, url, fmt)]
-    if compression(url) or size <= piece_bytes:
+    if compression(url) or (fmt != "parquet" and size <= piece_bytes):
         return whole
-    if fmt == "parquet":
+    if fmt == "parquet":  # cut by the row groups' uncompressed size: the memory a reader needs
         folder, name = locate(url, storage)
         try:
             with folder.open(name) as f:
