@@ -91,7 +91,7 @@ def check(job: Job, piece: Piece, folder: Folder, buckets: int) -> dict:
     if piece.role in ("corpus", "qrels"):
         _write_buckets(at, "ids.parquet", checks.bucketed_ids(piece.role, rows, kept, buckets))
     elif piece.role == "queries":
-        at.write_parquet("ids.parquet", checks.id_lines(rows).to_arrow() if kept.height else pa.table({}))
+        at.write_parquet("ids.parquet", checks.id_lines(rows).to_arrow())
     summary = {"piece": asdict(piece), "rows_read": table.rows_read, "parsed": table.frame.height,
                "kept": kept.height, "sha256": table.sha256, "open_quote_at_end": table.open_quote_at_end}
     at.write_json("piece.json", summary)  # last: its presence means the piece is finished
