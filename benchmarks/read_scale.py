@@ -2,8 +2,9 @@
 
 Generates corpora of 1M and 5M short passages, each as ONE JSONL file and ONE Parquet file
 (row groups of 64k rows), and runs only the read stage on them in a fresh process with its own
-local Ray of 1 and then 2 CPUs. Records the read time, the driver's peak RSS (getrusage in the
-driver) and the largest peak RSS of any Ray worker process (polled every 0.2 s). A whole-file read
+local Ray of 1 and then 2 CPUs. Records the read time, the driver's peak RSS and the largest peak
+RSS of any Ray worker process (both polled every 0.2 s; not getrusage, whose peak a child process
+inherits from the parent that forked it). A whole-file read
 (`read.piece_mb` larger than the file: one task, as before pieces existed) is run at 1M for
 comparison.
 
@@ -28,7 +29,7 @@ import polars as pl
 from common import NOTE, machine, write_corpus
 
 _DRIVER = """
-import json, resource, sys, time
+import json, sys, time
 from negprep.config import parse_job
 from negprep.execution import Executor, start_ray
 from negprep.paths import Folder
@@ -41,8 +42,7 @@ t0 = time.perf_counter()
 Read().run(run, force=True)
 r = run.read
 print("RESULT", json.dumps({"read_s": round(time.perf_counter() - t0, 2), "passages": r.passages,
-      "pieces": r.inputs["corpus"]["pieces"], "shards": len(r.corpus_shards),
-      "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}), flush=True)
+      "pieces": r.inputs["corpus"]["pieces"], "shards": len(r.corpus_shards)}), flush=True)
 """
 
 
@@ -59,12 +59,15 @@ def read_once(job: dict, cpus: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(job), str(cpus)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     peaks: dict[int, int] = {}
+    driver = 0
     stop = threading.Event()
 
     def poll() -> None:
+        nonlocal driver
         me = psutil.Process(proc.pid)
         while not stop.is_set():
             with contextlib.suppress(psutil.Error):
+                driver = max(driver, me.memory_info().rss)
                 for c in me.children(recursive=True):
                     if _is_worker(c):
                         with contextlib.suppress(psutil.Error):
@@ -80,6 +83,7 @@ def read_once(job: dict, cpus: int) -> dict:
         raise RuntimeError(err[-3000:])
     res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
     res["largest_worker_mb"] = round(max(peaks.values(), default=0) / 2**20, 1)
+    res["driver_peak_mb"] = round(driver / 2**20, 1)
     return res
 
 

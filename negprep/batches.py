@@ -13,7 +13,8 @@ rows in training order with a `batch_id` each, such that
 Packing is greedy: a cluster's rows are interleaved (rows sharing a query or a passage spread
 evenly over the cluster's sequence, queries in a seeded order), then each batch takes the next
 rows that do not clash with it, looking at most `window` rows ahead; skipped rows stay first in
-line for the next batch.
+line for the next batch. Rows left at the cluster's end that clash with each other are then
+swapped into full batches for rows that fit (`fill`).
 Batches left short (at a cluster's end, or when the rows ahead all clash) are handled by
 `partial`:
 
@@ -90,7 +91,7 @@ def interleave(cluster: np.ndarray, query: np.ndarray, texts: np.ndarray,
     return position, rng.permutation(int(qinv.max()) + 1)[qinv]
 
 
-def pack(rows: np.ndarray, keys: list[tuple], batch_size: int, window: int) -> list[list[int]]:
+def pack(rows: np.ndarray | list[int], keys: list[tuple], batch_size: int, window: int) -> list[list[int]]:
     """Greedy batches over `rows` (in order): each takes the next non-clashing rows, <= window ahead.
 
     Args:
@@ -118,6 +119,55 @@ def pack(rows: np.ndarray, keys: list[tuple], batch_size: int, window: int) -> l
         pending.extendleft(reversed(skipped))  # clashing rows stay first in line
         out.append(batch)
     return out
+
+
+def fill(batches: list[list[int]], keys: list[tuple], batch_size: int) -> list[list[int]]:
+    """`pack`'s batches of one group with short ones filled by swaps: full batches first.
+
+    Greedy packing leaves rows at a group's end that clash with each other (a passage several of
+    them share can sit in only one of them per batch). Such a row r can still go into a full batch
+    B in exchange for a row s of B that fits the batch being filled, when every key r shares with B
+    is one of s's own. Each swap places one more row, and batches stay free of repeated keys.
+    """
+    full = [list(b) for b in batches if len(b) == batch_size]
+    pool = [r for b in batches if len(b) < batch_size for r in b]
+    sets = [set().union(*(keys[r] for r in b)) for b in full]
+    while len(pool) >= batch_size:
+        cur: list[int] = []
+        used: set = set()
+        rest: list[int] = []
+        for r in pool:
+            k = set(keys[r])
+            if len(cur) == batch_size:
+                rest.append(r)
+            elif used.isdisjoint(k):
+                cur.append(r)
+                used |= k
+            elif not _swap(r, k, full, sets, keys, cur, used):
+                rest.append(r)
+        if len(cur) < batch_size:  # this round's rows are now cur and rest (swapped rows sit in full)
+            return full + pack(cur + rest, keys, batch_size, len(cur) + len(rest))
+        full.append(cur)
+        sets.append(used)
+        pool = rest
+    return full + pack(pool, keys, batch_size, len(pool))
+
+
+def _swap(r: int, k: set, full: list[list[int]], sets: list[set], keys: list[tuple], cur: list[int],
+          used: set) -> bool:
+    """Put row r (keys k) into a full batch in place of a row that joins `cur`; False if none can."""
+    for b, bkeys in zip(full, sets, strict=True):
+        shared = bkeys & k
+        for j, s in enumerate(b):
+            ks = set(keys[s])
+            if shared <= ks and used.isdisjoint(ks):
+                b[j] = r
+                bkeys -= ks
+                bkeys |= k
+                cur.append(s)
+                used |= ks
+                return True
+    return False
 
 
 def rebalance(cluster: np.ndarray, query: np.ndarray, second: np.ndarray, margin: np.ndarray,
@@ -208,7 +258,7 @@ def compose(
     short: list[list[int]] = []
     bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        for batch in pack(order[a:b], keys, batch_size, window):
+        for batch in fill(pack(order[a:b], keys, batch_size, window), keys, batch_size):
             (full if len(batch) == batch_size else short).append(batch)
 
     mixed: list[list[int]] = []
@@ -220,7 +270,7 @@ def compose(
         if partial == "merge" and len(left):
             # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
             pool = left[np.lexsort((tie[left], prio[left], level[left], cluster[left]))]
-            for batch in pack(pool, keys, batch_size, window):
+            for batch in fill(pack(pool, keys, batch_size, window), keys, batch_size):
                 if len(batch) == batch_size:
                     mixed.append(batch)
                 else:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from negprep.batches import compose, interleave, pack, split_files
+from negprep.batches import compose, fill, interleave, pack, split_files
 from negprep.stages.cluster import cluster_count, sample_rows
 
 
@@ -274,3 +274,27 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
         # d0 and its copy (same normalised text) count as one passage
         assert sum(r["negative_1_id"] in ("d0", "d0copy") for r in batch) <= 1
         assert sum(r["negative_1_id"] == "d1" for r in batch) <= 1
+
+
+def test_fill_swaps_clashing_end_rows_into_full_batches():
+    # rows 0 and 1 share passage 100 and come last: greedy packing leaves 3 + 1 rows at the end
+    keys = [(i, 100) if i < 2 else (i, 1000 + i) for i in range(8)]
+    greedy = pack(np.array([2, 3, 4, 5, 6, 7, 0, 1]), keys, 4, 8)
+    assert [len(b) for b in greedy] == [4, 3, 1]
+    filled = fill(greedy, keys, 4)
+    assert [len(b) for b in filled] == [4, 4]
+    assert sorted(r for b in filled for r in b) == list(range(8))
+    for b in filled:
+        used = [k for r in b for k in keys[r]]
+        assert len(used) == len(set(used))
+
+
+def test_fill_completes_a_group_whenever_swaps_allow():
+    # 3 batches of 4; passage 100 is in 3 rows, so it needs all 3 batches
+    keys = [(i, 100) if i in (0, 1, 2) else (i, 1000 + i) for i in range(12)]
+    greedy = pack(np.array([3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2]), keys, 4, 3)
+    assert len(greedy) > 3
+    filled = fill(greedy, keys, 4)
+    assert [len(b) for b in filled] == [4, 4, 4]
+    assert sorted(r for b in filled for r in b) == list(range(12))
+    assert all(sum(100 in keys[r] for r in b) == 1 for b in filled)
