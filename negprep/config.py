@@ -110,18 +110,24 @@ class GuideConfig(EmbedConfig):
     """A second, stronger model that vets the mined candidates (GISTEmbed) and gives teacher scores.
 
     A candidate is dropped when its guide score exceeds the guide score of the query's (lowest)
-    positive minus `absolute_margin`, or times (1 - `relative_margin`), or `max_score`.
+    positive minus `absolute_margin`, or times (1 - `relative_margin`), or `max_score`, or when it
+    stands out among the query's own window candidates (`max_zscore`).
     The embedding keys (pooling, prompts, max_length, ...) apply to a bi-encoder guide.
 
-    The defaults (relative 0.1 with a 100-rank window) are the ones benchmarks/guide_quality.py
-    found on Cranfield: a quarter of naive top-k's false negatives, negatives still hard.
+    The defaults (relative 0.05 and max_zscore 2.0 with a 200-rank window) are the ones
+    benchmarks/guide_quality.py found on Cranfield and CACM alike: a fifth to a quarter of naive
+    top-k's false negatives, 4.8+ negatives per query, median negative rank 11-14.
     """
 
     model: str
     type: Literal["biencoder", "crossencoder"] = "biencoder"
     absolute_margin: float | None = Field(0.0, ge=0)
-    relative_margin: float | None = Field(0.1, ge=0, lt=1)
+    relative_margin: float | None = Field(0.05, ge=0, lt=1)
     max_score: float | None = None
+    max_zscore: float | None = Field(
+        2.0, gt=0, description="drop a candidate whose guide score is more than this many standard deviations above "
+        "the mean guide score of its query's window candidates (an outlier among them: likely relevant, whatever its "
+        "positive scored); null: off")
 
     @model_validator(mode="after")
     def _crossencoder_settings(self) -> GuideConfig:
@@ -203,7 +209,7 @@ class Job(_Strict):
 
     num_negatives: int = Field(5, gt=0)
     range_min: int = Field(0, ge=0)
-    range_max: int = Field(50, gt=0, description="default 50; 100 with a guide, which drops more")
+    range_max: int = Field(50, gt=0, description="default 50; 200 with a guide, which drops more")
     relative_margin: float | None = Field(None, ge=0, lt=1)
     absolute_margin: float | None = Field(None, ge=0)
     max_score: float | None = None
@@ -243,7 +249,7 @@ class Job(_Strict):
     def _window(cls, data: Any) -> Any:
         # a guide drops more candidates, so it searches a wider window unless the job says otherwise
         if isinstance(data, dict) and data.get("guide") and "range_max" not in data:
-            data = {**data, "range_max": 100}
+            data = {**data, "range_max": 200}
         return data
 
     @model_validator(mode="after")

@@ -23,7 +23,8 @@ KEEP = 0
 #: A duplicate of a positive is the surest false negative, so it is checked first, then a near-copy
 #: (cosine to a positive >= `near_duplicate` under the mining model); then a copy of a
 #: better-ranked candidate (one pair's negatives never repeat a text); then the mining model's own
-#: bounds and margins; then the guide model's (GISTEmbed) rules.
+#: bounds and margins; then the guide model's (GISTEmbed) rules: against the positive, then against
+#: the query's own candidates (an outlier among them).
 REASONS = (
     "duplicate_of_positive",
     "near_duplicate_of_positive",
@@ -35,6 +36,7 @@ REASONS = (
     "guide_max_score",
     "guide_absolute_margin",
     "guide_relative_margin",
+    "guide_max_zscore",
 )
 OUTSIDE = -1  # outside [range_min, range_max) or padding: not a candidate at all
 
@@ -58,6 +60,7 @@ class Rules:
     guide_relative_margin: float | None = None
     guide_absolute_margin: float | None = None
     guide_max_score: float | None = None
+    guide_max_zscore: float | None = None  # drop a guide score this many standard deviations above the window's mean
 
 
 def margin_thresholds(ref: np.ndarray, relative: float | None, absolute: float | None) -> np.ndarray:
@@ -73,6 +76,26 @@ def margin_thresholds(ref: np.ndarray, relative: float | None, absolute: float |
     if absolute is not None:
         thr = np.minimum(thr, ref - absolute)
     return thr
+
+
+def window_zscores(scores: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """(n, K) each score's z-score against its row's scores where `inside`: (s - mean) / std.
+
+    A row's relevant passages are the upper tail of the guide's scores over its candidates, whatever
+    its positive scored, and a z-score needs no unit scale (cross-encoder logits work alike). A row
+    with fewer than two finite scores inside, or all of them equal, has no outlier: z = 0. A NaN
+    score stays NaN (it cannot be checked).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    ok = inside & np.isfinite(s)
+    cnt = ok.sum(axis=1, keepdims=True)
+    x = np.where(ok, s, 0.0)
+    mean = x.sum(axis=1, keepdims=True) / np.maximum(cnt, 1)
+    std = np.sqrt(np.where(ok, (s - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / np.maximum(cnt, 1))
+    spread = (cnt >= 2) & (std > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(spread, (s - mean) / np.where(spread, std, 1.0), 0.0)
+    return np.where(np.isnan(s), np.nan, z)
 
 
 def _above(scores: np.ndarray, thr: np.ndarray) -> np.ndarray:
@@ -127,6 +150,9 @@ def classify(
                                   lambda: _above(g, margin_thresholds(guide_ref, None, rules.guide_absolute_margin))),
         "guide_relative_margin": (g is not None and rules.guide_relative_margin is not None,
                                   lambda: _above(g, margin_thresholds(guide_ref, rules.guide_relative_margin, None))),
+        # the statistics are over every window candidate, dropped or kept by an earlier rule
+        "guide_max_zscore": (g is not None and rules.guide_max_zscore is not None,
+                             lambda: ~(window_zscores(g, code != OUTSIDE) <= rules.guide_max_zscore)),
     }
     for i, name in enumerate(REASONS):
         active, rejects = checks[name]

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from negprep.config import parse_job
-from negprep.mining import KEEP, REASONS, Rules, classify
+from negprep.mining import KEEP, OUTSIDE, REASONS, Rules, classify, reason_counts, window_zscores
 from negprep.runner import run_job
 from negprep.schemas import schema
 from negprep.stages.mine import dropped_rows, mine_candidates, rows_for_output
+from negprep.stages.mine import rules as job_rules
 
 from .conftest import build_tiny_bert
 
@@ -49,6 +50,50 @@ def test_guide_max_score_and_miner_rules_count_first_reason_only():
     code = classify(scores, np.array([1.0]), rules, guide, np.array([0.3]))
     assert code.tolist() == [[CODE["max_score"], CODE["guide_max_score"], KEEP]]
 
+
+
+def test_window_zscores_use_the_window_only_and_have_no_outlier_without_spread():
+    s = np.array([[9.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, np.nan, 3.0]])
+    inside = np.array([[False, True, True, True]] * 3)
+    z = window_zscores(s, inside)
+    # row 0: mean 2, std sqrt(2/3) over ranks 1-3; rank 0 (outside) is scored against them, not counted
+    sd = np.sqrt(2 / 3)
+    assert z[0].tolist() == pytest.approx([7 / sd, -1 / sd, 0.0, 1 / sd])
+    assert z[1].tolist() == [0.0] * 4  # all equal: nothing stands out
+    assert np.isnan(z[2, 2]) and z[2, 1] == pytest.approx(-1.0) and z[2, 3] == pytest.approx(1.0)
+    assert window_zscores(np.array([[0.3, 0.9]]), np.array([[True, False]])).tolist() == [[0.0, 0.0]]  # one score
+
+
+def test_guide_max_zscore_drops_what_stands_out_among_the_query_candidates():
+    # the visible positive scores low (0.5): the GIST rule drops everything above it, the z-score
+    # rule drops only the candidate far above its query's other candidates (z = 2.0 exactly is kept)
+    guide = np.array([[0.9, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]])
+    scores = np.linspace(0.9, 0.4, 11)[None, :]
+    code = classify(scores, np.array([1.0]), Rules(range_max=11, guide_max_zscore=3.0), guide, np.array([0.5]))
+    assert code.tolist() == [[CODE["guide_max_zscore"]] + [KEEP] * 10]  # z = sqrt(10) = 3.16
+    assert classify(scores, np.array([1.0]), Rules(range_max=11, guide_max_zscore=3.2), guide,
+                    np.array([0.5]))[0, 0] == KEEP
+    z2 = np.array([[1.0, 0.0, 0.0, 0.0, 0.0]])  # z of rank 0 = 2.0: a tie is kept
+    assert classify(np.zeros((1, 5)), np.array([1.0]), Rules(range_max=5, guide_max_zscore=2.0), z2,
+                    np.array([1.0]))[0].tolist() == [KEEP] * 5
+    # checked after the margins: a candidate both rules reject counts for the margin; outside the
+    # window (range_min) a candidate is no candidate, and its score is not in the statistics
+    rules = Rules(range_min=1, range_max=11, guide_absolute_margin=0.0, guide_max_zscore=2.0)
+    g = np.array([[5.0, 0.95, 0.31, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.29]])
+    code = classify(scores, np.array([1.0]), rules, g, np.array([0.9]))
+    assert code[0, 0] == OUTSIDE and code[0, 1] == CODE["guide_absolute_margin"] and (code[0, 2:] == KEEP).all()
+    counts = reason_counts(code)
+    assert counts["dropped_guide_absolute_margin"] == 1 and counts["dropped_guide_max_zscore"] == 0
+    assert counts["kept"] + counts["dropped_guide_absolute_margin"] == counts["candidates"] == 10
+
+
+def test_guide_defaults_reach_the_mining_rules(tmp_path):
+    base = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")}
+    r = job_rules(parse_job({**base, "guide": {"model": "m"}}))
+    assert (r.range_max, r.guide_relative_margin, r.guide_absolute_margin, r.guide_max_zscore) == (200, 0.05, 0.0, 2.0)
+    off = job_rules(parse_job({**base, "range_max": 80, "guide": {"model": "m", "max_zscore": None}}))
+    assert off.guide_max_zscore is None and off.range_max == 80
+    assert job_rules(parse_job(base)).guide_max_zscore is None and job_rules(parse_job(base)).range_max == 50
 
 def _tables(rows):
     cand = pa.table({

@@ -51,6 +51,7 @@ def rules(job: Job) -> mining.Rules:
         guide_relative_margin=g.relative_margin if g else None,
         guide_absolute_margin=g.absolute_margin if g else None,
         guide_max_score=g.max_score if g else None,
+        guide_max_zscore=g.max_zscore if g else None,
     )
 
 
