@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--piece-mb", type=float, default=None, help="read.piece_mb (default: the job default)")
-    ap.add_argument("--out", default="benchmarks/results/read_scale.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "read_scale.json"))
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="negprep-read-"))
