@@ -82,8 +82,14 @@ class EmbedConfig(_Strict):
     actors: int | None = Field(None, gt=0, description="embedding actors; default one per CPU slot")
     threads_per_actor: int | None = Field(None, gt=0, description="torch threads; default CPUs / actors")
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "int8"] = Field(
-        "float32", description="inference precision; bfloat16 is about 1.7x faster on CPUs with AVX-512 BF16 or "
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when the Ray cluster offers GPUs (a local Ray: this machine has one), else "
+        "the CPU; cuda without a GPU is an error before any work starts")
+    gpus_per_actor: float = Field(1.0, gt=0, le=8, description="GPUs each embedding actor asks Ray for on CUDA; "
+                                  "fractional shares a GPU between actors")
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto", description="inference precision; auto: bfloat16 on CUDA, float32 on CPU; bfloat16 is about 1.7x "
+        "faster on CPUs with AVX-512 BF16 or "
         "AMX (benchmarks/embed_throughput.py: cosine to fp32 1.000, recall@10 within a point); int8 (linear "
         "layers only, per-token activations) about as fast eager and faster compiled, on CPUs with VNNI "
         "(cosine to fp32 0.998)")
@@ -99,6 +105,8 @@ class EmbedConfig(_Strict):
 
     @model_validator(mode="after")
     def _runtime_settings(self) -> EmbedConfig:
+        if self.runtime == "onnxruntime" and self.device == "cuda":
+            raise ValueError("runtime onnxruntime runs on the CPU (device cuda needs runtime: torch)")
         if self.runtime == "onnxruntime" and self.dtype == "bfloat16":
             raise ValueError("runtime onnxruntime runs float32 or int8, not bfloat16 (use runtime: torch)")
         if self.runtime == "onnxruntime" and self.compile:
@@ -134,7 +142,7 @@ class GuideConfig(EmbedConfig):
         # the cross-encoder runs in fp32 and eager: refuse settings it would ignore
         if self.type == "crossencoder" and self.compile:
             raise ValueError("compile applies to a bi-encoder guide, not a crossencoder")
-        if self.type == "crossencoder" and self.dtype != "float32":
+        if self.type == "crossencoder" and self.dtype not in ("auto", "float32"):
             raise ValueError(f"dtype {self.dtype} applies to a bi-encoder guide; a crossencoder runs in float32")
         if self.type == "crossencoder" and self.runtime != "torch":
             raise ValueError(f"runtime {self.runtime} applies to a bi-encoder guide; a crossencoder runs in torch")
@@ -150,6 +158,10 @@ class SearchConfig(_Strict):
     """
 
     index: Literal["flat", "ivf", "hnsw"] = "flat"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="flat search on CUDA: half-precision matmul and top-k over index shards in GPU memory, "
+        "rescored exactly (the same candidates as on CPU); auto: CUDA when the cluster offers GPUs. ivf and hnsw "
+        "run on CPU")
     shard_mb: float = Field(
         2048, gt=0, description="memory budget of one index shard actor (vectors, ids, index structures)"
     )
@@ -161,6 +173,12 @@ class SearchConfig(_Strict):
     hnsw_ef_construction: int = Field(80, gt=0)
     hnsw_ef_search: int = Field(128, gt=0, description="HNSW search breadth: higher = better recall, slower")
     recall_sample: int = Field(200, ge=0, description="approximate indexes: queries also searched exactly")
+
+    @model_validator(mode="after")
+    def _device(self) -> SearchConfig:
+        if self.device == "cuda" and self.index != "flat":
+            raise ValueError(f"device cuda searches index flat; {self.index} runs on the CPU (use device: auto or cpu)")
+        return self
 
 
 class ClusterConfig(_Strict):

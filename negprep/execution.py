@@ -126,6 +126,20 @@ def cluster_cpus() -> int:
     return max(1, int(sum(c for c, _ in nodes())))
 
 
+def cluster_gpus() -> float:
+    """GPUs of the whole cluster (logical ones too: `ray start --num-gpus`)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def assigned_gpus() -> list:
+    """The GPUs Ray assigned the calling actor or task (empty when it asked for none)."""
+    import ray
+
+    return list(ray.get_gpu_ids())
+
+
 def largest_node_cpus() -> int:
     """CPUs of the largest live node: a task asking for more would never be scheduled."""
     return max((int(c) for c, _ in nodes()), default=1)

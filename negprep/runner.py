@@ -12,7 +12,7 @@ import logging
 import time
 from contextlib import contextmanager
 
-from negprep import execution, storage
+from negprep import devices, execution, storage
 from negprep.config import Job
 from negprep.execution import Executor
 from negprep.output import check_output
@@ -45,7 +45,10 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
         Folder(job.dropped, job.storage).check_writable("dropped")
     check_output(out, overwrite)
     execution.start_ray(job.ray.address, job.ray.num_cpus, job.ray.object_store_mb)
-    run = Run(job, work, out, Executor(job.ray.retries), overwrite, cpus=execution.cluster_cpus())
+    gpus = execution.cluster_gpus()
+    # `cuda` with no GPU in the cluster: one line before any stage works
+    run = Run(job, work, out, Executor(job.ray.retries), overwrite, cpus=execution.cluster_cpus(), gpus=gpus,
+              devices=devices.job_devices(job, gpus))
     forced = set(NAMES[NAMES.index(redo):]) if redo else set()
     for stage in stages_of(job):
         with _timed(run, stage):

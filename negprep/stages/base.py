@@ -34,6 +34,8 @@ class Run:
     ex: Executor
     overwrite: bool = False
     cpus: int = 1  # CPUs of the Ray cluster
+    gpus: float = 0.0  # GPUs of the Ray cluster
+    devices: dict[str, str] = field(default_factory=dict)  # resolved embed, guide and search devices
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     read: ReadResult | None = None

@@ -1,0 +1,66 @@
+"""Which device a stage's model or index runs on: `embed.device`, `guide.device`, `search.device`.
+
+`auto` (the default) is CUDA when the Ray cluster offers GPUs (a local Ray: when this machine has
+one) and the CPU otherwise; `cuda` with no GPU in the cluster is one line and exit 2 before any
+work starts. Imports nothing but the standard library, so the GPU code (negprep.models,
+negprep.gpu_search) stays importable where Ray, faiss and polars are not installed.
+
+`NEGPREP_CUDA_ON_CPU=1` is a test switch: code that was given CUDA runs its CUDA path (batching,
+pinned copies, half-precision search) on CPU tensors, so CI, which has no GPU, runs the GPU code,
+and Ray's scheduling is tested with logical GPUs (`ray start --num-gpus 1`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from negprep.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_ON_CPU = "NEGPREP_CUDA_ON_CPU"
+
+
+def resolve(setting: str, gpus: float, key: str) -> str:
+    """`cpu` or `cuda` for a device setting, given the GPUs the Ray cluster offers; `key` names the
+    setting in the error."""
+    if setting == "cpu":
+        return "cpu"
+    if setting == "cuda" and gpus <= 0:
+        raise ConfigError(f"{key}: cuda, but the Ray cluster offers no GPU (use auto or cpu, or add GPU nodes)")
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def job_devices(job, gpus: float) -> dict[str, str]:
+    """The resolved device of the job's encoder (`embed`), guide and search; ConfigError for `cuda`
+    without a GPU. An onnxruntime encoder and an ivf/hnsw index run on the CPU under `auto`."""
+    def one(cfg, key: str, cpu_only: bool) -> str:
+        return "cpu" if cpu_only and cfg.device == "auto" else resolve(cfg.device, gpus, key)
+
+    out = {"embed": one(job.embed, "embed.device", job.embed.runtime == "onnxruntime"),
+           "search": one(job.search, "search.device", job.search.index != "flat")}
+    if job.guide is not None:
+        g = job.guide
+        out["guide"] = one(g, "guide.device", g.type == "biencoder" and g.runtime == "onnxruntime")
+    return out
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` precision: bfloat16 on CUDA, float32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def cuda_on_cpu() -> bool:
+    """The test switch: run CUDA code paths on CPU tensors."""
+    return os.environ.get(CUDA_ON_CPU, "") not in ("", "0")
+
+
+def torch_device(device: str):
+    """The torch device a resolved `device` runs on (the GPU Ray assigned this process is cuda:0,
+    since Ray sets CUDA_VISIBLE_DEVICES to it)."""
+    import torch
+
+    if device == "cuda" and not cuda_on_cpu():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
