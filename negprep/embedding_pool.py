@@ -7,8 +7,10 @@ prompt, max_length, dtype and the shard's ids and texts), so a rerun, or another
 texts, finds the file and skips the shard.
 
 Passages and queries go through one pool (one model load, one set of processes): they differ only
-in their prompt. A shard is a coarse unit, so Ray Data's streaming machinery (and its helper
-actors' memory) buys nothing here.
+in their prompt. On the CPU an actor tokenises its shard itself. On CUDA the actors ask Ray for
+GPUs (`embed.gpus_per_actor`), so they land on GPU nodes, and CPU tasks tokenise the shards and
+stream the token ids to them a few shards ahead (`Executor.stream`): tokenising is the slower half
+for a small model, and it runs on every CPU at once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from negprep.config import EmbedConfig
+from negprep.devices import cuda_on_cpu
 from negprep.embeddings import embedding_table
-from negprep.execution import Executor, Resources
-from negprep.models import Encoder, make_encoder
+from negprep.errors import NegprepError
+from negprep.execution import Executor, Resources, assigned_gpus
+from negprep.models import Encoder, EncoderSpec, make_encoder, token_arrays
 from negprep.paths import File, Folder
 from negprep.results import Encoded
 from negprep.shards import Shard
@@ -40,17 +44,63 @@ class EmbedPart:
     encoded: Encoded
 
 
+GPU_BATCH_TOKENS = 65_536  # padded tokens per forward pass on a GPU, unless the job sets batch_tokens
+GPU_BATCH_SIZE = 4_096  # texts per forward pass on a GPU, unless the job sets batch_size
+
+
+def batching(cfg: EmbedConfig, device: str) -> tuple[int, int | None]:
+    """(batch_size, batch_tokens) of an encoder on `device`: the job's, or a GPU's defaults."""
+    if device != "cuda":
+        return cfg.batch_size, cfg.batch_tokens
+    given = cfg.model_fields_set
+    return (cfg.batch_size if "batch_size" in given else GPU_BATCH_SIZE,
+            cfg.batch_tokens if "batch_tokens" in given else GPU_BATCH_TOKENS)
+
+
 class ShardEmbedder:
     """Ray actor: one model per actor, one shard per call."""
 
-    def __init__(self, spec, threads: int, batch_size: int, batch_tokens: int | None):
+    def __init__(self, spec: EncoderSpec, threads: int, batch_size: int, batch_tokens: int | None):
+        if spec.device == "cuda" and not cuda_on_cpu() and not assigned_gpus():
+            raise NegprepError("an embedding actor on cuda got no GPU from Ray")
         self.encoder = make_encoder(spec, threads=threads)
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
 
-    def embed(self, src: File, dst: File, prompt: str) -> tuple[int, float]:
+    def embed(self, src: File, dst: File, prompt: str) -> tuple[int, float, str]:
         t0 = time.perf_counter()
         rows = embed_shard(self.encoder, src, dst, self.batch_size, self.batch_tokens, prompt)
-        return rows, time.perf_counter() - t0
+        return rows, time.perf_counter() - t0, self.encoder.device_name
+
+    def embed_tokens(self, tokens: dict, dst: File) -> tuple[int, float, str]:
+        """Embed a shard tokenised by `tokenize_shard` into `dst`."""
+        t0 = time.perf_counter()
+        vecs = self.encoder.encode_tokens(tokens["flat"], tokens["starts"], tokens["lengths"], self.batch_size,
+                                          self.batch_tokens)[tokens["inverse"]]
+        dst.write_parquet(embedding_table(tokens["ids"], vecs))
+        return len(tokens["inverse"]), time.perf_counter() - t0, self.encoder.device_name
+
+
+_TOKENIZERS: dict = {}  # per worker process: model -> tokenizer, loaded once
+
+
+def tokenize_shard(spec: EncoderSpec, src: File, prompt: str) -> dict:
+    """Token ids of a text shard's distinct texts, as the encoder's own `tokenize` makes them (a
+    CPU task feeding GPU actors)."""
+    from transformers import AutoTokenizer
+
+    key = (spec.model_dir, spec.trust_remote_code)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(spec.model_dir, trust_remote_code=spec.trust_remote_code)
+    tok = _TOKENIZERS[key]
+    table = src.read_parquet(columns=["id", "text"])
+    uniq, inverse = np.unique(np.array(table.column("text").to_pylist(), dtype=object), return_inverse=True)
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return tok(texts, truncation=True, max_length=spec.max_length, padding=False, return_attention_mask=False,
+                   return_token_type_ids=False)["input_ids"]
+
+    flat, starts, lengths = token_arrays(ids, [prompt + t for t in uniq])
+    return {"ids": table.column("id"), "inverse": inverse, "flat": flat, "starts": starts, "lengths": lengths}
 
 
 def embed_shard(encoder: Encoder, src: File, dst: File, batch_size: int, batch_tokens: int | None = None,
@@ -75,17 +125,19 @@ def actor_layout(cpus: int, shard_work: list[int], actors: int | None, threads: 
     return n, threads or max(1, cpus // n)
 
 
-def embedder(threads: int) -> Resources:
-    """What one embedding actor asks for: a CPU per torch thread."""
-    return Resources(cpus=threads)
+def embedder(threads: int, gpus: float = 0.0) -> Resources:
+    """What one embedding actor asks for: a CPU per torch thread; on CUDA one CPU and its GPUs."""
+    return Resources(cpus=1, gpus=gpus) if gpus else Resources(cpus=threads)
 
 
-def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, force: bool = False) -> dict:
+def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, force: bool = False,
+                gpus: float = 0.0) -> dict:
     """Embed every shard of `parts` whose embedding file is not there yet (every shard with `force`);
-    returns counts and timings per part.
+    returns counts, timings and the device per part.
 
-    The parts must share one model (their specs differ only in the prompt). `cfg` is the job's
-    EmbedConfig (or its guide's): batch size, actors and threads.
+    The parts must share one model (their specs differ only in the prompt, and their device).
+    `cfg` is the job's EmbedConfig (or its guide's): batch size, actors and threads; `gpus` the
+    cluster's, for the actors' count on CUDA.
     """
     model = {replace(p.encoded.spec, prompt="") for p in parts}
     assert len(model) == 1, "one embedding pool serves one model"
@@ -103,19 +155,38 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
         return stats
     # the most work first, so the last actor is not left with the longest shard
     todo.sort(key=lambda ps: -ps[1].work)
-    actors, threads = actor_layout(cpus, [s.work for _, s in todo], cfg.actors, cfg.threads_per_actor)
+    spec = model.pop()
+    batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
-    def call(actor, item: tuple[EmbedPart, Shard]):
-        part, shard = item
-        return actor.embed.remote(part.texts.file(shard.name), part.encoded.file(shard), part.encoded.spec.prompt)
+    if spec.device == "cuda":
+        actors = cfg.actors or max(1, min(len(todo), int(gpus / cfg.gpus_per_actor)))
+        threads = 1
 
-    args = (model.pop(), threads, cfg.batch_size, cfg.batch_tokens)
-    results = ex.map_actors(ShardEmbedder, args, actors, embedder(threads), call, todo, desc="embed")
-    for (p, _), (rows, secs) in zip(todo, results, strict=True):
+        def prepare(item: tuple[EmbedPart, Shard]) -> dict:
+            part, shard = item
+            return tokenize_shard(part.encoded.spec, part.texts.file(shard.name), part.encoded.spec.prompt)
+
+        def feed(actor, item: tuple[EmbedPart, Shard], tokens):
+            part, shard = item
+            return actor.embed_tokens.remote(tokens, part.encoded.file(shard))
+
+        results = ex.stream(prepare, Resources(cpus=1), ShardEmbedder, (spec, threads, batch_size, batch_tokens),
+                            actors, embedder(threads, cfg.gpus_per_actor), feed, todo, ahead=2 * actors, desc="embed")
+    else:
+        actors, threads = actor_layout(cpus, [s.work for _, s in todo], cfg.actors, cfg.threads_per_actor)
+
+        def call(actor, item: tuple[EmbedPart, Shard]):
+            part, shard = item
+            return actor.embed.remote(part.texts.file(shard.name), part.encoded.file(shard), part.encoded.spec.prompt)
+
+        results = ex.map_actors(ShardEmbedder, (spec, threads, batch_size, batch_tokens), actors, embedder(threads),
+                                call, todo, desc="embed")
+    for (p, _), (rows, secs, device) in zip(todo, results, strict=True):
         stats[p.name]["rows_embedded"] += int(rows)
         stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
-    log.info("embedded %d shards in %.1f s on %d actors x %d threads", len(todo), time.perf_counter() - t0,
-             actors, threads)
+        stats[p.name]["device"] = device
+    log.info("embedded %d shards in %.1f s on %d actors x %d threads (%s)", len(todo), time.perf_counter() - t0,
+             actors, threads, spec.device)
     return stats
 
 

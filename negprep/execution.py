@@ -209,6 +209,35 @@ class Executor:
                 results.append(out)
         return results
 
+    def stream(self, first: Callable, first_res: Resources, cls: type, args: tuple, count: int, res: Resources,
+               call: Callable[[Any, Any, Any], Any], items: Sequence, ahead: int, desc: str = "") -> list:
+        """Results of `call(actor, item, future)` for every item, in order, on `count` actors of
+        `cls(*args)`, where `future` is `first(item)` run as a task of its own (`first_res`): CPU
+        work (tokenising) streams into the actors (a GPU), at most `ahead` items prepared beyond
+        those the actors hold, so the actors never wait for all of it and memory stays bounded."""
+        import ray
+
+        prepare = ray.remote(**first_res.options(self.retries, actor=False))(first)
+        results: list = [None] * len(items)
+        queue: deque = deque(range(len(items)))
+        staged: deque = deque()
+        with self.actors(cls, [args] * count, res) as pool, _progress(len(items), desc) as bar, _unwrapped():
+            idle, busy = list(pool), {}
+            while queue or staged or busy:
+                while queue and len(staged) < ahead:
+                    i = queue.popleft()
+                    staged.append((i, prepare.remote(items[i])))
+                while idle and staged:
+                    i, fut = staged.popleft()
+                    actor = idle.pop()
+                    busy[call(actor, items[i], fut)] = (i, actor)
+                done, _ = ray.wait(list(busy), num_returns=1)
+                i, actor = busy.pop(done[0])
+                results[i] = ray.get(done[0])
+                idle.append(actor)
+                bar.update(1)
+        return results
+
 
 @contextmanager
 def _progress(total: int, desc: str):

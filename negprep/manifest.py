@@ -43,6 +43,11 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
             "resolved": pspec.model_dir,
             "fingerprint": pspec.fingerprint,
             "pooling": pspec.pooling,
+            "device": pspec.device,
+            "dtype": pspec.dtype,
+            "runtime": pspec.runtime,
+            # what ran it: the GPU's model, or cpu (from the actors; absent when every shard was cached)
+            "hardware": sorted({p["device"] for p in run.embed.stats.values() if p.get("device")}),
             "passage_key": pspec.key(),
             "query_key": qspec.key(),
         },

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from negprep.devices import resolve_dtype, torch_device
 from negprep.errors import ConfigError
 from negprep.export import export_key
 from negprep.paths import Folder
@@ -148,6 +149,7 @@ class EncoderSpec:
     dtype: str = "float32"  # float32, bfloat16 or int8 (negprep.quantize)
     compile: bool = False  # torch.compile: fused kernels round differently from eager ones
     runtime: str = "torch"  # or onnxruntime: other kernels, other last bits
+    device: str = "cpu"  # or cuda (negprep.devices): GPU kernels round differently from CPU ones
     # where the onnxruntime export lives (negprep.export); not part of the key: any copy of the
     # same export gives the same embeddings
     export: Folder | None = field(default=None, compare=False)
@@ -157,18 +159,21 @@ class EncoderSpec:
         # so is the export's graph (export_key: its opset and version too): another graph, other bits
         s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
                         self.dtype, *(["compiled"] if self.compile else []),
-                        *([self.runtime, export_key(self)] if self.runtime != "torch" else [])])
+                        *([self.runtime, export_key(self)] if self.runtime != "torch" else []),
+                        *([self.device] if self.device != "cpu" else [])])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
-def encoder_specs(model_dir: str, cfg, work: Folder | None = None) -> tuple[EncoderSpec, EncoderSpec]:
-    """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg`; with
-    runtime onnxruntime, the specs name the export's folder under `work` (negprep.export)."""
+def encoder_specs(model_dir: str, cfg, work: Folder | None = None,
+                  device: str = "cpu") -> tuple[EncoderSpec, EncoderSpec]:
+    """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg` on a resolved
+    `device` (negprep.devices); with runtime onnxruntime, the specs name the export's folder under
+    `work` (negprep.export)."""
     fp = model_fingerprint(model_dir)
     pooling = detect_pooling(model_dir) if cfg.pooling == "auto" else cfg.pooling
     common = (model_dir, fp, pooling, cfg.max_length, cfg.normalize)
-    rest = (cfg.trust_remote_code, getattr(cfg, "dtype", "float32"), getattr(cfg, "compile", False),
-            getattr(cfg, "runtime", "torch"))
+    dtype = resolve_dtype(getattr(cfg, "dtype", "float32"), device)
+    rest = (cfg.trust_remote_code, dtype, getattr(cfg, "compile", False), getattr(cfg, "runtime", "torch"), device)
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
     if specs[0].runtime == "onnxruntime" and work is not None:
         specs = tuple(replace(s, export=work.sub("models", export_key(s))) for s in specs)
@@ -181,14 +186,19 @@ def make_encoder(spec: EncoderSpec, threads: int = 1) -> Encoder:
 
 
 class Encoder:
-    """A transformers encoder on CPU: batches of similar length, pooling, optional L2 normalisation.
+    """A transformers encoder: batches of similar length, pooling, optional L2 normalisation.
 
-    `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs multiply them at
-    up to twice the fp32 rate); int8 runs the linear layers as exact integer GEMMs on per-token
-    quantised activations (negprep.quantize); pooling and normalisation stay in fp32 either way.
-    `spec.compile` runs the model through torch.compile with dynamic shapes (and frozen weights but
-    for int8): one compile serves every batch shape, and an embedding still depends only on its
-    text (tests/test_embed.py).
+    On the CPU, `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs
+    multiply them at up to twice the fp32 rate); int8 runs the linear layers as exact integer GEMMs
+    on per-token quantised activations (negprep.quantize); pooling and normalisation stay in fp32
+    either way. `spec.compile` runs the model through torch.compile with dynamic shapes (and frozen
+    weights but for int8): one compile serves every batch shape, and an embedding still depends only
+    on its text (tests/test_embed.py).
+
+    On CUDA (`spec.device`, the GPU Ray assigned the actor) the model runs in `spec.dtype` with SDPA
+    attention; batches are built as whole numpy arrays, copied from pinned memory without waiting,
+    and the vectors stay on the GPU until the end, so the host builds the next batch while the GPU
+    computes. Under the test switch (negprep.devices) the same path runs on CPU tensors.
     """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
@@ -198,10 +208,14 @@ class Encoder:
         torch.set_num_threads(threads)
         self.spec = spec
         self.torch = torch
+        self.gpu = spec.device == "cuda"
+        self.device = torch_device(spec.device)
         kw = {"trust_remote_code": spec.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir, **kw)
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-        self.model = AutoModel.from_pretrained(spec.model_dir, dtype=dtype, **kw).eval()
+        if self.gpu:
+            kw["attn_implementation"] = "sdpa"
+        self.model = AutoModel.from_pretrained(spec.model_dir, dtype=dtype, **kw).eval().to(self.device)
         if spec.dtype == "int8":
             from negprep.quantize import quantize_linears
 
@@ -219,43 +233,65 @@ class Encoder:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.dim = self.model.config.hidden_size
 
+    @property
+    def device_name(self) -> str:
+        """What the manifest records: the GPU's model, or cpu."""
+        if self.gpu and self.device.type == "cuda":
+            return self.torch.cuda.get_device_name(self.device)
+        return "cpu" if not self.gpu else "cpu (cuda code path on CPU tensors)"
+
     def encode(self, texts: list[str], batch_size: int = 32, batch_tokens: int | None = None,
                prompt: str | None = None) -> np.ndarray:
         """Embeddings (len(texts) x dim, float32) in the order of `texts`.
 
         A batch holds at most `batch_size` texts and, with `batch_tokens`, at most that many padded
-        tokens: on CPU a few thousand tokens per forward pass is fastest, whatever the text length.
-        `prompt` overrides the spec's prompt (queries and passages share one loaded model).
+        tokens: on CPU a few thousand tokens per forward pass is fastest, whatever the text length;
+        on a GPU tens of thousands. `prompt` overrides the spec's prompt (queries and passages
+        share one loaded model).
         """
         prompt = self.spec.prompt if prompt is None else prompt
-        ids_flat, starts, lengths = self.tokenize([prompt + t for t in texts])
+        return self.encode_tokens(*self.tokenize([prompt + t for t in texts]), batch_size, batch_tokens)
+
+    def encode_tokens(self, ids_flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int = 32,
+                      batch_tokens: int | None = None) -> np.ndarray:
+        """`encode` from `tokenize`'s output (token ids made elsewhere, e.g. by CPU workers for a GPU)."""
+        n = len(lengths)
         # Each text is padded to a width that depends only on its own length (a multiple of
         # PAD_STEP) and batched only with texts of that width: the padded width changes the float
         # results, the batch size does not, so a text's embedding is bit-identical whatever shard
-        # or batch it lands in (deterministic output whatever the sharding).
+        # or batch it lands in (deterministic output whatever the sharding). On a GPU, where the
+        # GEMM kernel may change with the row count, every batch of a width also has the same
+        # number of rows (the last one padded with empty rows).
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        torch = self.torch if self.gpu else None  # an onnxruntime encoder has no torch
+        out = torch.empty((n, self.dim), dtype=torch.float32, device=self.device) if self.gpu else \
+            np.empty((n, self.dim), dtype=np.float32)
         with self._running():
             start = batches = 0
             while start < len(order):
                 width = int(sorted_widths[start])
                 rows = batch_size
                 if batch_tokens:
-                    rows = min(rows, max(1, min(batch_tokens // width, ATTENTION_CELLS // (width * width))))
+                    cells = batch_tokens // width if self.gpu else min(batch_tokens // width,
+                                                                        ATTENTION_CELLS // (width * width))
+                    rows = min(rows, max(1, cells))
                 stop = min(start + rows, int(np.searchsorted(sorted_widths, width, side="right")))
                 idx = order[start:stop]
                 start = stop
-                ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
-                for row, i in enumerate(idx):
-                    ids[row, : lengths[i]] = ids_flat[starts[i]: starts[i] + lengths[i]]
-                out[idx] = self._embed(ids, (np.arange(width) < lengths[idx, None]).astype(np.int64))
+                ids, mask = _padded(ids_flat, starts, lengths, idx, width, self.pad_id,
+                                    rows if self.gpu else len(idx))
+                vec = self._embed(ids, mask)
+                if self.gpu:
+                    out[torch.from_numpy(idx).to(self.device)] = vec[: len(idx)]
+                else:
+                    out[idx] = vec
                 batches += 1
-                if batches % TRIM_EVERY == 0:
+                if batches % TRIM_EVERY == 0 and not self.gpu:
                     release_free_memory()
         release_free_memory()
-        return out
+        return out.cpu().numpy() if self.gpu else out
 
     def _running(self):
         """The context the model runs in: no autograd; the inductor settings when compiled."""
@@ -266,36 +302,46 @@ class Encoder:
         stack.enter_context(compiling)
         return stack
 
-    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """fp32 embeddings of one batch of padded token ids."""
+    def _embed(self, ids: np.ndarray, mask: np.ndarray):
+        """fp32 embeddings of one batch of padded token ids (numpy; a device tensor on CUDA)."""
         torch = self.torch
-        mask_t = torch.from_numpy(mask)
-        hidden = self.model(input_ids=torch.from_numpy(ids), attention_mask=mask_t).last_hidden_state
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self.gpu:
+            if self.device.type == "cuda":
+                ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+            ids_t = ids_t.to(self.device, non_blocking=True)
+            mask_t = mask_t.to(self.device, non_blocking=True)
+        hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
         vec = pool(hidden.float(), mask_t, self.spec.pooling)
         if self.spec.normalize:
             vec = torch.nn.functional.normalize(vec, dim=-1)
-        return vec.numpy()
+        return vec if self.gpu else vec.numpy()
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, padding=False,
                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(token ids of all texts end to end as int32, each text's start in them, each text's length).
+        """(token ids of all texts end to end as int32, each text's start in them, each text's length)."""
+        return token_arrays(self._token_ids, texts)
 
-        Tokenised TOKENIZE_CHUNK texts at a time: the fast tokenizer's per-text objects (tokens,
-        offsets, masks) for a whole shard at once cost far more than the ids (measured on SciFact's
-        5,183 passages: +310 MB resident at once, +77 MB as Python lists, +5 MB kept like this)."""
-        chunks, lengths = [], []
-        for i in range(0, len(texts), TOKENIZE_CHUNK):
-            enc = self._token_ids(texts[i: i + TOKENIZE_CHUNK])
-            lengths.extend(len(ids) for ids in enc)
-            chunks.append(np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32))
-        lengths_arr = np.array(lengths, dtype=np.int64)
-        starts = np.zeros(len(lengths_arr), dtype=np.int64)
-        np.cumsum(lengths_arr[:-1], out=starts[1:])
-        flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-        return flat, starts, lengths_arr
+
+def token_arrays(token_ids, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`Encoder.tokenize` with any `token_ids(texts) -> list of id lists`.
+
+    Tokenised TOKENIZE_CHUNK texts at a time: the fast tokenizer's per-text objects (tokens,
+    offsets, masks) for a whole shard at once cost far more than the ids (measured on SciFact's
+    5,183 passages: +310 MB resident at once, +77 MB as Python lists, +5 MB kept like this)."""
+    chunks, lengths = [], []
+    for i in range(0, len(texts), TOKENIZE_CHUNK):
+        enc = token_ids(texts[i: i + TOKENIZE_CHUNK])
+        lengths.extend(len(ids) for ids in enc)
+        chunks.append(np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32))
+    lengths_arr = np.array(lengths, dtype=np.int64)
+    starts = np.zeros(len(lengths_arr), dtype=np.int64)
+    np.cumsum(lengths_arr[:-1], out=starts[1:])
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    return flat, starts, lengths_arr
 
 
 class OnnxEncoder(Encoder):
@@ -310,6 +356,7 @@ class OnnxEncoder(Encoder):
         from tokenizers import Tokenizer
 
         self.spec = spec
+        self.gpu = False
         folder = spec.export
         if folder is None:
             raise ValueError(f"{spec.model_dir}: an onnxruntime encoder needs its export (export.ensure_exported)")
@@ -352,6 +399,21 @@ def _local_file(folder: Folder, name: str):
     with tempfile.TemporaryDirectory(prefix="negprep-") as tmp:
         folder.fs.get(folder.path(name), f"{tmp}/{name}")
         yield f"{tmp}/{name}"
+
+
+def _padded(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, width: int, pad_id: int,
+            rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, attention mask) of texts `idx`, right-padded to `width`, as whole int64 arrays of
+    `rows` rows (rows past len(idx) are empty: one pad token)."""
+    cols = np.arange(width)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    mask[: len(idx)] = cols < lengths[idx, None]
+    mask[len(idx):, 0] = 1  # an empty row attends to one pad token: a fully masked row could give NaN
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    if len(flat):
+        pos = np.minimum(starts[idx, None] + cols, len(flat) - 1)
+        ids[: len(idx)] = np.where(mask[: len(idx)] == 1, flat[pos], pad_id)
+    return ids, mask
 
 
 def release_free_memory() -> None:

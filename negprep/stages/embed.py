@@ -4,6 +4,7 @@ The mining model embeds every text shard of the read stage (negprep.embedding_po
 `embeddings/<encoder key>/<shard digest>.parquet`: content-addressed, so a rerun, or another job
 over the same texts with the same model and settings, reuses them. With `embed.runtime:
 onnxruntime` the model is first exported to ONNX once into `models/<key>/` (negprep.export).
+On CUDA (`embed.device`) the actors hold GPUs and CPU tasks tokenise for them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from negprep.results import Embedded, Encoded
 from negprep.stages.base import Run, Stage
 
 
-def encoders(run: Run, model: str, cfg) -> tuple[Encoded, Encoded]:
-    """(passage, query) encoders of `model` under an EmbedConfig-like `cfg`, with their cache folders."""
-    pspec, qspec = encoder_specs(resolve_model(model), cfg, run.work)
+def encoders(run: Run, model: str, cfg, device: str) -> tuple[Encoded, Encoded]:
+    """(passage, query) encoders of `model` under an EmbedConfig-like `cfg` on a resolved `device`,
+    with their cache folders."""
+    pspec, qspec = encoder_specs(resolve_model(model), cfg, run.work, device)
     return (Encoded(pspec, run.work.sub("embeddings", pspec.key())),
             Encoded(qspec, run.work.sub("embeddings", qspec.key())))
 
@@ -32,16 +34,18 @@ class Embed(Stage):
             check_compiler("embed.compile")
 
     def resources(self, run: Run) -> dict[str, Resources]:
+        if run.devices.get("embed") == "cuda":
+            return {"embedder": embedder(1, run.job.embed.gpus_per_actor), "tokenizer": Resources(cpus=1)}
         shards = [*run.read.corpus_shards, *run.read.query_shards]
         _, threads = actor_layout(run.cpus, [s.work for s in shards], run.job.embed.actors,
                                   run.job.embed.threads_per_actor)
         return {"embedder": embedder(threads)}
 
     def run(self, run: Run, force: bool) -> None:
-        passages, queries = encoders(run, run.job.model, run.job.embed)
+        passages, queries = encoders(run, run.job.model, run.job.embed, run.devices.get("embed", "cpu"))
         if (seconds := ensure_exports([passages], force)) is not None:
             run.timings["export"] = seconds
         parts = [EmbedPart("corpus", run.read.corpus.folder, run.read.corpus_shards, passages),
                  EmbedPart("queries", run.read.query_texts.folder, run.read.query_shards, queries)]
-        stats = embed_parts(run.ex, run.cpus, parts, run.job.embed, force)
+        stats = embed_parts(run.ex, run.cpus, parts, run.job.embed, force, run.gpus)
         run.embed = Embedded(passages, queries, stats)

@@ -22,9 +22,11 @@ import numpy as np
 import pyarrow as pa
 
 from negprep.config import Job
-from negprep.embedding_pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
+from negprep.devices import cuda_on_cpu, torch_device
+from negprep.embedding_pool import EmbedPart, actor_layout, batching, embed_parts, embedder, ensure_exports
 from negprep.embeddings import load_embeddings
-from negprep.execution import Resources
+from negprep.errors import NegprepError
+from negprep.execution import Resources, assigned_gpus
 from negprep.models import check_compiler, encoder_specs, resolve_model
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
@@ -103,15 +105,17 @@ class CrossEncoder:
     """A sequence-classification model scoring (query, passage) pairs; sigmoid of a single logit,
     or the probability of the last class for a multi-class head."""
 
-    def __init__(self, model_dir: str, max_length: int, threads: int, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, max_length: int, threads: int, trust_remote_code: bool = False,
+                 device: str = "cpu"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.device = torch_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code).eval()
+            model_dir, trust_remote_code=trust_remote_code).eval().to(self.device)
         self.max_length = max_length
 
     def score(self, queries: list[str], passages: list[str], batch_size: int = 32) -> np.ndarray:
@@ -123,9 +127,9 @@ class CrossEncoder:
                 idx = order[start : start + batch_size]
                 enc = self.tokenizer([queries[i] for i in idx], [passages[i] for i in idx], truncation=True,
                                      max_length=self.max_length, padding=True, return_tensors="pt")
-                logits = self.model(**enc).logits.float()
+                logits = self.model(**enc.to(self.device)).logits.float()
                 s = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
-                out[idx] = s.numpy()
+                out[idx] = s.cpu().numpy()
         return out
 
 
@@ -144,8 +148,10 @@ class ShardCrossScorer:
     """Ray actor: loads the cross-encoder once, scores one query shard per call."""
 
     def __init__(self, model_dir: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
-                 where: CrossScoring):
-        self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code)
+                 where: CrossScoring, device: str = "cpu"):
+        if device == "cuda" and not cuda_on_cpu() and not assigned_gpus():
+            raise NegprepError("a cross-encoder actor on cuda got no GPU from Ray")
+        self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code, device)
         self.batch_size, self.where = batch_size, where
 
     def score_shard(self, name: str) -> str:
@@ -199,6 +205,9 @@ class Guide(Stage):
 
     def resources(self, run: Run) -> dict[str, Resources]:
         g, shards = run.job.guide, run.read.query_shards
+        if run.devices.get("guide") == "cuda":
+            name = "cross_encoder" if g.type == "crossencoder" else "embedder"
+            return {name: embedder(1, g.gpus_per_actor), "passages": Resources(cpus=1), "scores": Resources(cpus=1)}
         if g.type == "crossencoder":
             _, threads = actor_layout(run.cpus, [1] * len(shards), g.actors, g.threads_per_actor)
             return {"cross_encoder": Resources(cpus=threads)}
@@ -207,7 +216,8 @@ class Guide(Stage):
 
     def run(self, run: Run, force: bool) -> None:
         job, g, read, work = run.job, run.job.guide, run.read, run.work
-        pspec, qspec = encoder_specs(resolve_model(g.model), g, work)
+        device = run.devices.get("guide", "cpu")
+        pspec, qspec = encoder_specs(resolve_model(g.model), g, work, device)
         window = Window(job.range_min, job.range_max)
         sdir = run.search.folder
         gdir = work.sub("guide", stage_key(sdir.url, g.type, pspec.key(), qspec.key(), (window.start, window.stop)))
@@ -222,13 +232,18 @@ class Guide(Stage):
             return
         res = self.resources(run)
         if g.type == "crossencoder":
-            actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
+            if device == "cuda":
+                actors, threads = g.actors or max(1, min(len(todo), int(run.gpus / g.gpus_per_actor))), 1
+            else:
+                actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
             # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
-            rows = min(g.batch_size, max(1, (g.batch_tokens or 1 << 30) // g.max_length))
+            batch_size, batch_tokens = batching(g, device)
+            rows = min(batch_size, max(1, (batch_tokens or 1 << 30) // g.max_length))
             where = CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window)
-            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where)
-            run.ex.map_actors(ShardCrossScorer, args, actors, Resources(cpus=threads),
+            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where, device)
+            run.ex.map_actors(ShardCrossScorer, args, actors, res.get("cross_encoder", Resources(cpus=threads)),
                               lambda a, n: a.score_shard.remote(n), todo, desc="guide")
+            stats["device"] = device
             return
         passages = Encoded(pspec, work.sub("embeddings", pspec.key()))
         queries = Encoded(qspec, work.sub("embeddings", qspec.key()))
@@ -239,7 +254,8 @@ class Guide(Stage):
         stats["passages"] = "whole corpus (cached)" if whole else sum(s.rows for s in pshards)
         stats["embed"] = embed_parts(run.ex, run.cpus, [EmbedPart("passages", texts, pshards, passages),
                                                         EmbedPart("queries", read.query_texts.folder,
-                                                                  read.query_shards, queries)], g, force)
+                                                                  read.query_shards, queries)], g, force,
+                                      run.gpus)
         qfile = {s.name: queries.file(s) for s in read.query_shards}
         run.ex.map(biencoder_scores, [(sdir.file(n), qfile[n], passages.files(pshards), gdir.file(n), window)
                                       for n in todo], res["scores"], desc="guide")
