@@ -206,6 +206,8 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, gt=0)
     object_store_mb: int = Field(1024, ge=128)
     retries: int = Field(3, ge=0, description="retries of a failed task and restarts of a dead actor")
+    gpu_wait_s: float = Field(600, ge=0, description="a device set to cuda on a cluster with no GPU yet: how long "
+                              "to wait for the autoscaler to start a GPU node")
 
 
 class Job(_Strict):

@@ -25,7 +25,7 @@ from negprep.config import EmbedConfig
 from negprep.devices import cuda_on_cpu
 from negprep.embeddings import embedding_table
 from negprep.errors import NegprepError
-from negprep.execution import Executor, Resources, assigned_gpus
+from negprep.execution import Executor, Resources, assigned_gpus, node_id
 from negprep.models import Encoder, EncoderSpec, make_encoder, token_arrays
 from negprep.paths import File, Folder
 from negprep.results import Encoded
@@ -66,18 +66,22 @@ class ShardEmbedder:
         self.encoder = make_encoder(spec, threads=threads)
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
 
-    def embed(self, src: File, dst: File, prompt: str) -> tuple[int, float, str]:
+    def embed(self, src: File, dst: File, prompt: str) -> dict:
         t0 = time.perf_counter()
         rows = embed_shard(self.encoder, src, dst, self.batch_size, self.batch_tokens, prompt)
-        return rows, time.perf_counter() - t0, self.encoder.device_name
+        return self._done(rows, t0)
 
-    def embed_tokens(self, tokens: dict, dst: File) -> tuple[int, float, str]:
+    def embed_tokens(self, tokens: dict, dst: File) -> dict:
         """Embed a shard tokenised by `tokenize_shard` into `dst`."""
         t0 = time.perf_counter()
         vecs = self.encoder.encode_tokens(tokens["flat"], tokens["starts"], tokens["lengths"], self.batch_size,
                                           self.batch_tokens)[tokens["inverse"]]
         dst.write_parquet(embedding_table(tokens["ids"], vecs))
-        return len(tokens["inverse"]), time.perf_counter() - t0, self.encoder.device_name
+        return self._done(len(tokens["inverse"]), t0)
+
+    def _done(self, rows: int, t0: float) -> dict:
+        return {"rows": rows, "seconds": time.perf_counter() - t0, "device": self.encoder.device_name,
+                "node": node_id()}
 
 
 _TOKENIZERS: dict = {}  # per worker process: model -> tokenizer, loaded once
@@ -159,7 +163,8 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
     batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
     if spec.device == "cuda":
-        actors = cfg.actors or max(1, min(len(todo), int(gpus / cfg.gpus_per_actor)))
+        # no more actors than the cluster's GPUs hold: one more would wait for a GPU forever
+        actors = max(1, min(cfg.actors or len(todo), len(todo), int(gpus / cfg.gpus_per_actor)))
         threads = 1
 
         def prepare(item: tuple[EmbedPart, Shard]) -> dict:
@@ -181,10 +186,12 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
 
         results = ex.map_actors(ShardEmbedder, (spec, threads, batch_size, batch_tokens), actors, embedder(threads),
                                 call, todo, desc="embed")
-    for (p, _), (rows, secs, device) in zip(todo, results, strict=True):
-        stats[p.name]["rows_embedded"] += int(rows)
-        stats[p.name]["seconds"] = round(stats[p.name]["seconds"] + secs, 3)
-        stats[p.name]["device"] = device
+    for (p, _), r in zip(todo, results, strict=True):
+        s = stats[p.name]
+        s["rows_embedded"] += int(r["rows"])
+        s["seconds"] = round(s["seconds"] + r["seconds"], 3)
+        s["device"] = r["device"]
+        s["nodes"] = sorted({*s.get("nodes", []), r["node"]})
     log.info("embedded %d shards in %.1f s on %d actors x %d threads (%s)", len(todo), time.perf_counter() - t0,
              actors, threads, spec.device)
     return stats

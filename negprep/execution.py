@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,7 +57,8 @@ def start_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NEGPREP_CACHE") if k in os.environ}}
+    forward = ("HF_HUB_OFFLINE", "NEGPREP_CACHE", "NEGPREP_CUDA_ON_CPU")
+    env = {"env_vars": {k: os.environ[k] for k in forward if k in os.environ}}
     # workers (maybe on other machines) need the driver's AWS endpoint and region; the keys go in
     # the pickled Folders instead (storage.with_env_credentials): Ray logs the runtime_env
     env["env_vars"] |= storage.ray_env()
@@ -131,6 +133,25 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def wait_for_gpus(seconds: float) -> float:
+    """Ask the autoscaler for a GPU node and wait up to `seconds` for one; the cluster's GPUs then."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}])
+    deadline = time.monotonic() + seconds
+    while (gpus := cluster_gpus()) <= 0 and time.monotonic() < deadline:
+        time.sleep(5)
+    request_resources(bundles=[])  # the job's own actors keep what they need
+    return gpus
+
+
+def node_id() -> str:
+    """The Ray node the caller runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def assigned_gpus() -> list:

@@ -1,5 +1,9 @@
 """A real two-node Ray cluster on this machine: `ray start` twice, the job sent with `ray job submit`.
 
+The worker node has one logical GPU (`--num-gpus 1`) and the job embeds on `cuda`: the embedding
+actors must be placed on that node, and under the test switch (NEGPREP_CUDA_ON_CPU) they run the
+CUDA code path on CPU tensors, so the output must equal the CPU run's.
+
 Each node has its own temp dir and ports, so other Ray clusters on the machine are untouched;
 teardown kills only the processes this test started (never `ray stop`, which stops every Ray).
 """
@@ -72,6 +76,13 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
         p.kill()
 
 
+def _gpu_nodes(address: str, env: dict) -> list[str]:
+    code = (f"import ray; ray.init(address={address!r}); "
+            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('GPU')))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return r.stdout.strip().splitlines()[-1].split() if r.returncode == 0 else []
+
+
 def _alive_nodes(address: str, env: dict) -> int:
     code = f"import ray; ray.init(address={address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -125,6 +136,7 @@ def test_two_node_cluster_job_submit_equals_single_node(ray_session, tiny_bert, 
             _node(
                 [
                     f"--address={address}",
+                    "--num-gpus=1",  # logical: Ray schedules it, nothing checks for CUDA
                     f"--dashboard-agent-listen-port={w_agent}",
                     f"--dashboard-agent-grpc-port={w_grpc}",
                     f"--metrics-export-port={w_metrics}",
@@ -139,13 +151,16 @@ def test_two_node_cluster_job_submit_equals_single_node(ray_session, tiny_bert, 
             time.sleep(2)
         assert _alive_nodes(address, env) == 2, (Path(worker_tmp) / "start.log").read_text()[-3000:]
 
+        gpu_node = _gpu_nodes(address, env)
+        assert len(gpu_node) == 1
         path = tmp_path / "cluster.yaml"
-        path.write_text(yaml.safe_dump({**job, "output": str(tmp_path / "multi"), "work_dir": str(tmp_path / "mw")}))
+        on_gpu = {**job, "embed": {"device": "cuda", "dtype": "float32", "batch_size": 16}}
+        path.write_text(yaml.safe_dump({**on_gpu, "output": str(tmp_path / "multi"), "work_dir": str(tmp_path / "mw")}))
         submit = [
             RAY, "job", "submit",
             f"--address=http://127.0.0.1:{dash}",
             "--submission-id=negprep-multinode-test",
-            "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+            "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "NEGPREP_CUDA_ON_CPU": "1"}}),
             "--", sys.executable, "-m", "negprep", "run", str(path), "--quiet",
         ]  # fmt: skip
         r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
@@ -164,3 +179,7 @@ def test_two_node_cluster_job_submit_equals_single_node(ray_session, tiny_bert, 
         shutil.rmtree(worker_tmp, ignore_errors=True)
     assert (tmp_path / "multi" / "_SUCCESS").exists()
     assert pq.read_table(tmp_path / "multi" / "data").to_pylist() == single
+    manifest = json.loads((tmp_path / "multi" / "manifest.json").read_text())
+    assert manifest["model"]["device"] == "cuda"
+    for part in ("corpus", "queries"):  # every embedding actor ran on the node with the GPU
+        assert manifest["stages"]["embed"][part]["nodes"] == gpu_node

@@ -233,7 +233,7 @@ class Guide(Stage):
         res = self.resources(run)
         if g.type == "crossencoder":
             if device == "cuda":
-                actors, threads = g.actors or max(1, min(len(todo), int(run.gpus / g.gpus_per_actor))), 1
+                actors, threads = max(1, min(g.actors or len(todo), len(todo), int(run.gpus / g.gpus_per_actor))), 1
             else:
                 actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
             # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens

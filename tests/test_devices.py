@@ -1,0 +1,106 @@
+"""Devices: `auto` resolves to the CPU without GPUs, `cuda` without one is one line, and the CUDA
+code paths (the encoder's GPU batching, CPU tokenising streamed to GPU actors) run on CPU tensors
+under the test switch, giving the CPU's embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from negprep import devices
+from negprep.config import parse_job
+from negprep.embedding_pool import GPU_BATCH_TOKENS, ShardEmbedder, batching, embed_shard, tokenize_shard
+from negprep.errors import ConfigError
+from negprep.models import Encoder, EncoderSpec, encoder_specs
+from negprep.paths import Folder
+from negprep.runner import run_job
+
+
+class _Cfg:
+    pooling, max_length, normalize, passage_prompt, query_prompt, trust_remote_code = "auto", 128, True, "", "", False
+    dtype = "auto"
+
+
+@pytest.fixture
+def cuda_on_cpu(monkeypatch):
+    monkeypatch.setenv(devices.CUDA_ON_CPU, "1")
+
+
+def _job(**extra):
+    return parse_job({"input": "x", "output": "/tmp/o", "model": "m", **extra})
+
+
+def test_auto_is_the_cpu_without_gpus_and_cuda_when_the_cluster_has_them():
+    assert devices.job_devices(_job(), 0) == {"embed": "cpu", "search": "cpu"}
+    assert devices.job_devices(_job(guide={"model": "g"}), 2) == {"embed": "cuda", "search": "cuda", "guide": "cuda"}
+    # onnxruntime and approximate indexes stay on the CPU under auto
+    cpu_only = _job(embed={"runtime": "onnxruntime"}, search={"index": "ivf"})
+    assert devices.job_devices(cpu_only, 1) == {"embed": "cpu", "search": "cpu"}
+    assert devices.job_devices(_job(embed={"device": "cpu"}), 1)["embed"] == "cpu"
+    assert devices.resolve_dtype("auto", "cuda") == "bfloat16"
+    assert devices.resolve_dtype("auto", "cpu") == "float32"
+    assert devices.resolve_dtype("int8", "cuda") == "int8"
+
+
+def test_cuda_without_a_gpu_is_one_line_before_any_work(ray_session, tmp_path, demo_data, tiny_bert):
+    job = parse_job({"input": str(demo_data), "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+                     "model": str(tiny_bert), "embed": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match=r"^embed.device: cuda, but the Ray cluster offers no GPU"):
+        run_job(job)
+    assert not (tmp_path / "work" / "input").exists()  # no stage started
+    with pytest.raises(ConfigError, match="device cuda searches index flat"):
+        _job(search={"device": "cuda", "index": "hnsw"})
+    with pytest.raises(ConfigError, match="onnxruntime runs on the CPU"):
+        _job(embed={"device": "cuda", "runtime": "onnxruntime"})
+
+
+def test_the_device_is_part_of_the_cache_key(tiny_bert):
+    cpu, _ = encoder_specs(str(tiny_bert), _Cfg())
+    gpu, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
+    assert (cpu.device, cpu.dtype) == ("cpu", "float32")
+    assert (gpu.device, gpu.dtype) == ("cuda", "bfloat16")
+    gpu32 = EncoderSpec(**{**gpu.__dict__, "dtype": "float32"})
+    assert len({cpu.key(), gpu.key(), gpu32.key()}) == 3
+
+
+def _texts() -> list[str]:
+    return [" ".join(["word"] * k) + f" {k}" for k in range(1, 120, 3)] * 2
+
+
+def test_gpu_code_path_on_cpu_tensors_gives_the_cpu_embeddings(tiny_bert, cuda_on_cpu):
+    cpu_spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    gpu_spec = EncoderSpec(**{**cpu_spec.__dict__, "device": "cuda"})
+    cpu, gpu = Encoder(cpu_spec), Encoder(gpu_spec)
+    assert gpu.gpu and gpu.device.type == "cpu" and "CPU tensors" in gpu.device_name
+    ref = cpu.encode(_texts(), batch_size=16, batch_tokens=2048)
+    # the GPU's batching (a token budget, every batch of a width padded to the same rows) changes nothing
+    for batch_size, batch_tokens in ((4096, GPU_BATCH_TOKENS), (5, 64), (1, None)):
+        got = gpu.encode(_texts(), batch_size=batch_size, batch_tokens=batch_tokens)
+        assert np.array_equal(got, ref), (batch_size, batch_tokens)
+    # bfloat16, as auto picks on a GPU: close to fp32
+    bf16 = Encoder(EncoderSpec(**{**gpu_spec.__dict__, "dtype": "bfloat16"})).encode(_texts(), 4096, GPU_BATCH_TOKENS)
+    cos = (bf16 * ref).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_tokenising_in_a_cpu_task_gives_the_actors_own_embeddings(tiny_bert, tmp_path, cuda_on_cpu):
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
+    spec = EncoderSpec(**{**spec.__dict__, "dtype": "float32"})
+    folder = Folder(str(tmp_path))
+    texts = _texts()
+    folder.write_parquet("shard.parquet", pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}))
+    src = folder.file("shard.parquet")
+    actor = ShardEmbedder(spec, 1, *batching(_job(embed={"dtype": "float32"}).embed, "cuda"))
+    tokens = tokenize_shard(spec, src, "")
+    assert len(tokens["inverse"]) == len(texts) and len(tokens["lengths"]) == len(set(texts))
+    rows = actor.embed_tokens(tokens, folder.file("streamed.parquet"))["rows"]
+    embed_shard(Encoder(spec), src, folder.file("direct.parquet"), 16, 2048)
+    streamed, direct = folder.read_parquet("streamed.parquet"), folder.read_parquet("direct.parquet")
+    assert rows == len(texts) and streamed.equals(direct)
+
+
+def test_gpu_batching_defaults_unless_the_job_sets_them():
+    assert batching(_job().embed, "cuda") == (4096, GPU_BATCH_TOKENS)
+    assert batching(_job().embed, "cpu") == (256, 2048)
+    assert batching(_job(embed={"batch_tokens": 8192}).embed, "cuda") == (4096, 8192)
