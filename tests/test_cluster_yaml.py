@@ -49,11 +49,14 @@ def test_cluster_yaml_pins_the_tested_versions():
         pins[name.lower()] = version
     setup = " ".join(_config()["setup_commands"])
     assert "-c ~/negprep/constraints.txt" in setup  # everything negprep needs, as tested together
-    found = re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^\s'\"]*)", setup)
+    found = re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^\s'\";]*)", setup)
     assert {n.lower() for n, _ in found} >= {"torch", "ray"}
     for name, version in found:
-        expect = "2.13.0" if name == "torch" else pins[name.lower()]  # torch: the Makefile's CPU wheel
-        assert version == expect, name
+        expect = "2.13.0" if name == "torch" else pins[name.lower()]  # torch: the Makefile's wheel
+        assert version.split("+")[0] == expect, name
+    # GPU nodes get torch's CUDA build, the others the CPU wheel: one command decides by nvidia-smi
+    torch = next(c for c in _config()["setup_commands"] if "torch==" in c)
+    assert "nvidia-smi" in torch and "torch==2.13.0+cu" in torch and "/whl/cpu torch==2.13.0;" in torch
 
 
 @pytest.mark.parametrize("name", ["cluster-scifact.yaml", "cluster-100m.yaml"])
