@@ -56,7 +56,8 @@ def start_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NEGPREP_CACHE") if k in os.environ}}
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "NEGPREP_CACHE", "NEGPREP_CUDA_ON_CPU")
+                        if k in os.environ}}
     # workers (maybe on other machines) need the driver's AWS endpoint and region; the keys go in
     # the pickled Folders instead (storage.with_env_credentials): Ray logs the runtime_env
     env["env_vars"] |= storage.ray_env()
@@ -118,6 +119,18 @@ def nodes() -> list[tuple[float, float]]:
         res = node.get("Resources", {})
         if node.get("Alive") and res.get("CPU", 0) > 0:
             out.append((float(res["CPU"]), float(res.get("memory", 0))))
+    return out
+
+
+def gpu_nodes() -> list[tuple[float, float]]:
+    """(GPUs, memory bytes for tasks) of each live node with GPUs (logical ones too)."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("GPU", 0) > 0:
+            out.append((float(res["GPU"]), float(res.get("memory", 0))))
     return out
 
 
