@@ -60,8 +60,11 @@ def bound_factor(dim: int, accumulate: float, half_inputs: bool, half_scores: bo
          |sum q^_i p^_i - sum q_i p_i| <= sum |a_i||p_i| + |q_i||b_i| + |a_i||b_i|
            <= (2u + u^2) sum|q_i p_i| + t (1 + u)(sum|p_i| + sum|q_i|) + d t^2
            <= (2u + u^2)|q||p| + t (1 + u) sqrt(d) (|q| + |p|) + d t^2      (Cauchy-Schwarz)
-       and since |q|, |p| >= m >= 0.5, t = 2^-24 * 0.5 <= 2^-24 |q| (and |p|), so
-           <= (2u + u^2 + 2^-23 (1 + u) sqrt(d) + d 2^-48) |q||p|.
+       Write P = max|p| over the shard's rows (>= |p|). |q| >= 0.5 (its own largest entry) and
+       P >= 0.5 (the row holding the shard's largest entry), so t = 2^-24 * 0.5 is at most
+       2^-24 |q| and at most 2^-24 P, and the whole is
+           <= (2u + u^2 + 2^-23 (1 + u) sqrt(d) + d 2^-48) |q| P.
+       (Steps 2 and 3 likewise use |p| <= P; the bound returned is c |q| P.)
     2. Each product q^_i p^_i of two float16 values (11-bit significands, exponents >= -24) is
        exact in float32. Summing d of them in float32 in any order (blocked, split-K, FMA) is off
        by at most gamma_d sum|q^_i p^_i| <= gamma_d |q^||p^|, gamma_d = d U / (1 - d U) with
@@ -70,7 +73,7 @@ def bound_factor(dim: int, accumulate: float, half_inputs: bool, half_scores: bo
        sqrt(d)) |q|, likewise p^. (gamma_{d+1} is used: it also covers float32 inputs, whose
        products are rounded.)
     3. A float16 score matrix rounds the sum once more: u |s| + t, with |s| <= |q^||p^| + (2.)
-       and t <= 2^-23 |q||p|. No overflow: in scaled units |s| <= d < 65504.
+       and t <= 2^-23 |q| P. No overflow: in scaled units |s| <= d < 65504.
     4. Scaling back is a multiplication by a power of two: exact.
     Everything is then multiplied by 1.02 for the float64 work on the caller's side (norms, the
     float64 rescoring it compares against) and for good measure. Without half inputs (float32
@@ -109,8 +112,12 @@ class TorchKnn:
         self.dtype = torch.float16 if on_gpu or _cpu_half_matmul() else torch.float32
         self.p_scale = float(_pow2_scale(vecs.reshape(1, -1) if vecs.size else vecs.reshape(1, 0))[0])
         host = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))
-        # to half precision on the host, so the device never holds a float32 copy of the shard
-        self.p = (host / self.p_scale).to(self.dtype).to(self.device)
+        # to half precision on the host a block of rows at a time, so neither the device nor the
+        # host ever holds a second float32 copy of the shard
+        self.p = torch.empty((self.n, self.dim), dtype=self.dtype, device=self.device)
+        block = max(1, (64 << 20) // max(1, 4 * self.dim))
+        for i in range(0, self.n, block):
+            self.p[i : i + block] = (host[i : i + block] / self.p_scale).to(self.dtype).to(self.device)
         self.score_mb = score_mb
         self.half_scores = self.dtype == torch.float16  # until a float32 score matrix is seen
         self._mm_out = on_gpu and self.dtype == torch.float16  # try torch.mm(..., out_dtype=float32)
