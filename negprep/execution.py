@@ -123,6 +123,18 @@ def nodes() -> list[tuple[float, float]]:
     return out
 
 
+def gpu_nodes() -> list[tuple[float, float]]:
+    """(GPUs, memory bytes for tasks) of each live node with GPUs (logical ones too)."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("GPU", 0) > 0:
+            out.append((float(res["GPU"]), float(res.get("memory", 0))))
+    return out
+
+
 def cluster_cpus() -> int:
     """CPUs of the whole cluster."""
     return max(1, int(sum(c for c, _ in nodes())))

@@ -5,6 +5,10 @@ The search stage cuts the corpus embedding files into index shards sized by `sea
 Scores are recomputed exactly (float64 dot product, rounded to float32) and ties are broken by
 passage id (`top_k`), so merging the shards' top-k gives the candidates of one exact index over
 the whole corpus. `ivf` and `hnsw` build an approximate faiss index per shard.
+
+On `search.device: cuda` a flat shard finds its neighbours with a half-precision matmul on the
+GPU (negprep.gpu_search) instead of faiss, with a wider (proven) rounding bound; the rescoring,
+ties and bound check are the same, so the candidates are those of CPU flat search.
 """
 
 from __future__ import annotations
@@ -110,10 +114,17 @@ class IndexShard:
     A restarted actor (after its worker died) rebuilds itself from storage in `__init__`.
     """
 
-    def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int):
-        import faiss
+    def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int,
+                 device: str = "cpu"):
+        # flat on CUDA: the exact path's neighbours come from a half-precision matmul on the GPU
+        # (negprep.gpu_search) instead of faiss; everything after (rescoring, ties, bound) is shared
+        gpu = cfg.index == "flat" and device == "cuda"
+        if gpu:
+            _check_gpu_assigned()
+        else:
+            import faiss
 
-        faiss.omp_set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
         t0 = time.perf_counter()
         ids: list[str] = []
         vecs = None
@@ -123,14 +134,20 @@ class IndexShard:
                 vecs = np.empty((sum(x.stop - x.start for x in pieces), mat.shape[1]), dtype=np.float32)
             vecs[len(ids) : len(ids) + len(got)] = mat
             ids += got
-        self.vecs = vecs
+        self.vecs = vecs  # float32 on the host: exact rescoring and the positives' scores
         self.ids = np.array(ids, dtype=object)
         self.row = {d: r for r, d in enumerate(ids)}
         self.dim = self.vecs.shape[1]
         self.max_norm = float(np.sqrt(np.einsum("ij,ij->i", self.vecs, self.vecs).max())) * 1.001
         self.cfg = cfg
         self.index = _build_index(self.vecs, cfg) if cfg.index != "flat" else None
-        log.info("index shard: %d rows, %s, built in %.1f s", len(ids), cfg.index, time.perf_counter() - t0)
+        self.gpu = None
+        if gpu:
+            from negprep.gpu_search import TorchKnn
+
+            self.gpu = TorchKnn(self.vecs, "cuda", threads=threads)
+        log.info("index shard: %d rows, %s%s, built in %.1f s", len(ids), cfg.index,
+                 f" on {self.gpu.device} ({self.gpu.dtype})" if self.gpu else "", time.perf_counter() - t0)
 
     def search(
         self, q: np.ndarray, k: int, positives: list[tuple[int, str]], exact: bool = False
@@ -154,25 +171,33 @@ class IndexShard:
             out[i : i + step] = np.where(r >= 0, s, -np.inf)
         return out, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], None)
 
-    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _knn(self, q: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The `want` rows of highest approximate score per query: (scores, rows, bound), where
+        bound (float64, per query) is the most an approximate score can differ from the exact one."""
+        if self.gpu is not None:
+            scores, rows = self.gpu.knn(q, want)
+            return scores, rows, self.gpu.bound(q, self.max_norm)
         import faiss
 
+        scores, rows = faiss.knn(np.ascontiguousarray(q), self.vecs, want, metric=faiss.METRIC_INNER_PRODUCT)
+        # faiss multiplies float32 in float32: d products summed, each off by at most ~d * U32
+        return scores, rows, self.dim * U32 * 1.01 * np.linalg.norm(q.astype(np.float64), axis=1) * self.max_norm
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.ids)
         out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
         out_i = np.full((len(q), k), None, dtype=object)
         todo = np.arange(len(q))
         want = min(n, k + SLACK)
-        qnorm = np.linalg.norm(q, axis=1).astype(np.float64)
         while len(todo):
-            d_faiss, rows = faiss.knn(np.ascontiguousarray(q[todo]), self.vecs, want, metric=faiss.METRIC_INNER_PRODUCT)
+            approx, rows, eps = self._knn(q[todo], want)
             s, ids = top_k(*self._rescore(q[todo], rows), k)
             if want >= n:
                 done = np.ones(len(todo), dtype=bool)
             else:
-                # a row faiss did not return scores at most its last score plus the rounding bound;
-                # if that could still reach the k-th exact score (or tie it), fetch more neighbours
-                eps = self.dim * U32 * 1.01 * qnorm[todo] * self.max_norm
-                done = d_faiss[:, -1].astype(np.float64) + eps < np.nextafter(s[:, k - 1], -np.inf)
+                # a row not returned scores at most the last approximate score plus the rounding
+                # bound; if that could still reach the k-th exact score (or tie it), fetch more
+                done = approx[:, -1].astype(np.float64) + eps < np.nextafter(s[:, k - 1], -np.inf)
             out_s[todo[done]], out_i[todo[done]] = s[done], ids[done]
             todo, want = todo[~done], min(n, want * 4)
         return out_s, out_i
@@ -183,6 +208,16 @@ class IndexShard:
             self.index.hnsw.efSearch = max(self.cfg.hnsw_ef_search, want)
         _, rows = self.index.search(np.ascontiguousarray(q), want)
         return top_k(*self._rescore(q, rows), k)
+
+
+def _check_gpu_assigned() -> None:
+    """An index shard on CUDA must hold a GPU from Ray (it then sees it as cuda:0)."""
+    from negprep import devices, execution
+    from negprep.errors import ConfigError
+
+    if not devices.cuda_on_cpu() and not execution.assigned_gpus():
+        raise ConfigError("search.device: cuda, but Ray assigned this index shard actor no GPU "
+                          "(it must be started with num_gpus; use search.device: cpu)")
 
 
 def _build_index(vecs: np.ndarray, cfg: SearchConfig) -> Any:

@@ -1,12 +1,15 @@
 """Search stage: every query against the whole corpus, on index shards held by Ray actors.
 
 The corpus embedding files are cut into index shards sized by `search.shard_mb` (vectors, ids and
-index structures of one actor). Each `IndexShard` actor (negprep.index) loads its rows from storage once and
-answers top-k calls; one coordinator task per query shard fans its queries out, in batches of
+index structures of one actor), or on `search.device: cuda` by `search.gpu_shard_mb` (the float16
+vectors one GPU holds) and spread over all the cluster's GPUs, one index shard actor per GPU.
+Each `IndexShard` actor (negprep.index) loads its rows from storage once and answers top-k
+calls; one coordinator task per query shard fans its queries out, in batches of
 `search.query_batch`, to every index shard and merges the per-shard top-k. Scores are recomputed
 exactly (float64 dot product, rounded to float32) and ties are broken by passage id, so with
 `index: flat` the candidates are those of one exact index over the whole corpus, whatever the
-number of index shards, workers or query batches. `ivf` and `hnsw` build an approximate index per
+number of index shards, workers or query batches, and on a GPU or not (the search key does not
+name the device). `ivf` and `hnsw` build an approximate index per
 shard; their recall against exact search is measured on a sample of queries.
 
 When the index shards do not all fit in the cluster's memory at once they run in groups: each
@@ -291,37 +294,55 @@ class SearchInputs:
     exclusions: File | None = None  # query_id, doc_id: removed from the candidates like positives
 
 
-def layout(cfg: SearchConfig, inputs: SearchInputs) -> tuple[list[tuple[Piece, ...]], int]:
-    """The index shards of the corpus, and the bytes one of them needs."""
+def gpu_slots(gpus: float) -> int:
+    """Index shards the cluster's GPUs hold at once: one per whole GPU (at least one)."""
+    return max(1, int(gpus))
+
+
+def layout(cfg: SearchConfig, inputs: SearchInputs, device: str = "cpu",
+           gpus: float = 0.0) -> tuple[list[tuple[Piece, ...]], int]:
+    """The index shards of the corpus, and the host memory (bytes) one of them needs.
+
+    On the CPU a shard is at most `search.shard_mb`. On CUDA its float16 vectors are at most
+    `search.gpu_shard_mb` of GPU memory, and the corpus is spread over all the cluster's GPUs (one
+    shard per GPU when it fits); its host memory is the float32 copy and the ids."""
     files = [(s.embedding, s.rows) for s in inputs.corpus_shards if s.rows]
     dim = _dim(inputs.passages.file(files[0][0])) if files else 0
     per_row = bytes_per_row(dim, cfg)
-    shards = plan_shards(files, max(1, int(cfg.shard_mb * 2**20) // per_row))
+    if device == "cuda":
+        total = sum(rows for _, rows in files)
+        rows = min(int(cfg.gpu_shard_mb * 2**20) // max(1, 2 * dim), math.ceil(total / gpu_slots(gpus)))
+    else:
+        rows = int(cfg.shard_mb * 2**20) // per_row
+    shards = plan_shards(files, max(1, rows))
     return shards, max((sum(p.stop - p.start for p in s) for s in shards), default=0) * per_row
 
 
-def search_resources(need: int) -> dict[str, Resources]:
+def search_resources(need: int, gpus: float = 0.0) -> dict[str, Resources]:
     return {
         # memory is reserved by Ray's scheduler, so a shard never lands on a node too small for
-        # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0)
-        "index_shard": Resources(cpus=0.01, memory=max(need, 1), spread=True),
+        # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0).
+        # On CUDA each index shard actor holds one GPU (Ray sets CUDA_VISIBLE_DEVICES to it)
+        "index_shard": Resources(cpus=0.01, gpus=gpus, memory=max(need, 1), spread=True),
         "coordinator": Resources(cpus=0),  # mostly waits on the index shards
         "merge": Resources(cpus=1),
     }
 
 
-def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Folder, range_max: int,
-               force: bool = False) -> dict:
-    """Search every query shard not yet in `sdir` (all of them with `force`); returns the stage's
-    stats for the manifest. Only file names, counts and futures pass through the driver."""
+def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Folder, range_max: int,  # noqa: PLR0913
+               force: bool = False, device: str = "cpu", gpus: float = 0.0) -> dict:
+    """Search every query shard not yet in `sdir` (all of them with `force`) on the resolved
+    `device` (`gpus`: the cluster's); returns the stage's stats for the manifest. Only file names,
+    counts and futures pass through the driver."""
     t0 = time.perf_counter()
     if force:
         sdir.rm("", recursive=True)
     done = set(sdir.ls(".parquet"))
     todo = [s for s in inputs.query_shards if s.name not in done]
-    shards, need = layout(cfg, inputs)
+    shards, need = layout(cfg, inputs, device, gpus)
     stats: dict[str, Any] = {
         "index": cfg.index,
+        "device": device,
         "index_shards": len(shards),
         "rows_per_index_shard": max((sum(p.stop - p.start for p in s) for s in shards), default=0),
         "index_shard_mb": round(need / 2**20, 1),
@@ -329,7 +350,7 @@ def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Fold
         "reused": len(inputs.query_shards) - len(todo),
     }
     if todo:
-        stats |= _search(ex, cfg, inputs, todo, shards, need, sdir, range_max)
+        stats |= _search(ex, cfg, inputs, todo, shards, need, sdir, range_max, device)
     if cfg.index != "flat":
         hits = total = n = 0
         for s in inputs.query_shards:
@@ -342,14 +363,22 @@ def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Fold
 
 
 def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Shard],  # noqa: PLR0913
-            shards: list[tuple[Piece, ...]], need: int, sdir: Folder, range_max: int) -> dict:
-    """Search the `todo` query shards, the index shards in groups that fit the cluster's memory."""
+            shards: list[tuple[Piece, ...]], need: int, sdir: Folder, range_max: int, device: str = "cpu") -> dict:
+    """Search the `todo` query shards, the index shards in groups that fit the cluster's memory
+    (and on CUDA its GPUs: one index shard per GPU)."""
     nodes = execution.nodes()
-    fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
+    gpu = device == "cuda"
+    if gpu:  # GPU actors land on GPU nodes only: at most one per GPU, and their host memory there
+        fit = sum(min(int(g), int(mem // max(need, 1))) for g, mem in execution.gpu_nodes())
+        setting = "search.gpu_shard_mb"
+        where = "GPU node"
+    else:
+        fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
+        setting, where = "search.shard_mb", "node"
     if shards and fit == 0:
         raise ConfigError(
-            f"search.shard_mb: an index shard needs {need >> 20} MB, more than any node offers Ray; "
-            "lower search.shard_mb"
+            f"{setting}: an index shard needs {need >> 20} MB of memory, more than any {where} offers Ray; "
+            f"lower {setting}"
         )
     size = min(len(shards), fit) or 1
     # an empty corpus is one group without actors: every query gets no candidates
@@ -361,7 +390,7 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
     total_q = max(1, sum(s.rows for s in inputs.query_shards))
     approx = cfg.index != "flat"
     sample = {s.name: min(s.rows, math.ceil(cfg.recall_sample * s.rows / total_q)) if approx else 0 for s in todo}
-    res = search_resources(need)
+    res = search_resources(need, 1.0 if gpu else 0.0)
     single = len(groups) == 1
     gdirs = [sdir.sub("group-" + _pieces_key(g)) for g in groups]
     limit = max(2, size)
@@ -369,7 +398,7 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
         left = todo if single else [s for s in todo if not gdir.exists(s.name)]
         if not left:
             continue
-        args = [(inputs.passages, pieces, cfg, threads) for pieces in group]
+        args = [(inputs.passages, pieces, cfg, threads, device) for pieces in group]
         with ex.actors(IndexShard, args, res["index_shard"]) as actors:
             out = sdir if single else gdir
             calls = [(actors, QueryShardSearch(inputs.queries.file(s.embedding), inputs.qrels, inputs.exclusions,
@@ -381,7 +410,7 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
         ex.map(merge_groups, calls, res["merge"], desc="merge", limit=limit)
         for g in gdirs:
             g.rm("", recursive=True)
-    return {"groups": len(groups), "threads_per_index_shard": threads}
+    return {"groups": len(groups), "threads_per_index_shard": threads} | ({"gpus_per_index_shard": 1.0} if gpu else {})
 
 
 class Search(Stage):
@@ -394,12 +423,15 @@ class Search(Stage):
                             read.exclusions)
 
     def resources(self, run: Run) -> dict[str, Resources]:
-        return search_resources(layout(run.job.search, self.inputs(run))[1])
+        device = run.devices.get("search", "cpu")
+        need = layout(run.job.search, self.inputs(run), device, run.gpus)[1]
+        return search_resources(need, 1.0 if device == "cuda" else 0.0)
 
     def run(self, run: Run, force: bool) -> None:
+        # the key does not name the device: GPU flat search gives exactly the CPU's candidates
         sdir = run.work.sub("search", search_key(run))
         run.search = StageOutput(sdir, search_all(run.ex, run.job.search, self.inputs(run), sdir, run.job.range_max,
-                                                  force))
+                                                  force, run.devices.get("search", "cpu"), run.gpus))
 
 
 def _pieces_key(group: list[tuple[Piece, ...]]) -> str:
