@@ -1,9 +1,10 @@
 """Which device a stage's model or index runs on: `embed.device`, `guide.device`, `search.device`.
 
 `auto` (the default) is CUDA when the Ray cluster offers GPUs (a local Ray: when this machine has
-one) and the CPU otherwise; `cuda` with no GPU in the cluster is one line and exit 2 before any
-work starts. Imports nothing but the standard library, so the GPU code (negprep.models,
-negprep.gpu_search) stays importable where Ray, faiss and polars are not installed.
+one) and the CPU otherwise, and `dtype: auto` the fastest precision within tolerance there;
+`cuda` with no GPU in the cluster is one line and exit 2 before any work starts. Imports nothing
+but the standard library, so the GPU code (negprep.models, negprep.gpu_search) stays importable
+where Ray, faiss and polars are not installed.
 
 `NEGPREP_CUDA_ON_CPU=1` is a test switch: code that was given CUDA runs its CUDA path (batching,
 pinned copies, half-precision search) on CPU tensors, so CI, which has no GPU, runs the GPU code,
@@ -44,11 +45,27 @@ def job_devices(job, gpus: float) -> dict[str, str]:
     return out
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` precision: bfloat16 on CUDA, float32 on the CPU."""
+def resolve_dtype(dtype: str, device: str, runtime: str = "torch") -> str:
+    """`auto` precision: the fastest one within tolerance (cosine to float32 >= 0.999, recall@10
+    within half a point) on this device: bfloat16 on CUDA, and on a CPU that multiplies bfloat16
+    natively (AVX-512 BF16 or AMX: benchmarks/embed_throughput.py, cosine >= 0.9999, 1.7x the
+    float32 rate); float32 elsewhere and on onnxruntime. int8 is faster still but outside the
+    tolerance (cosine down to 0.995), so only a job that names it gets it."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device == "cuda" else "float32"
+    if runtime != "torch":
+        return "float32"
+    return "bfloat16" if device == "cuda" or cpu_multiplies_bfloat16() else "float32"
+
+
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this machine's CPU has native bfloat16 matrix instructions (Linux: /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cuda_on_cpu() -> bool:

@@ -172,7 +172,7 @@ def encoder_specs(model_dir: str, cfg, work: Folder | None = None,
     fp = model_fingerprint(model_dir)
     pooling = detect_pooling(model_dir) if cfg.pooling == "auto" else cfg.pooling
     common = (model_dir, fp, pooling, cfg.max_length, cfg.normalize)
-    dtype = resolve_dtype(getattr(cfg, "dtype", "float32"), device)
+    dtype = resolve_dtype(getattr(cfg, "dtype", "float32"), device, getattr(cfg, "runtime", "torch"))
     rest = (cfg.trust_remote_code, dtype, getattr(cfg, "compile", False), getattr(cfg, "runtime", "torch"), device)
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
     if specs[0].runtime == "onnxruntime" and work is not None:
@@ -232,6 +232,7 @@ class Encoder:
             self.model = torch.compile(self.model, dynamic=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.dim = self.model.config.hidden_size
+        self.fixed_rows = self.gpu or spec.dtype == "bfloat16"
 
     @property
     def device_name(self) -> str:
@@ -259,9 +260,10 @@ class Encoder:
         # Each text is padded to a width that depends only on its own length (a multiple of
         # PAD_STEP) and batched only with texts of that width: the padded width changes the float
         # results, the batch size does not, so a text's embedding is bit-identical whatever shard
-        # or batch it lands in (deterministic output whatever the sharding). On a GPU, where the
-        # GEMM kernel may change with the row count, every batch of a width also has the same
-        # number of rows (the last one padded with empty rows).
+        # or batch it lands in (deterministic output whatever the sharding). On a GPU, and in
+        # bfloat16 on a CPU, where the GEMM kernel (and so the last bits) changes with the row
+        # count, every batch of a width also has the same number of rows (the last one padded
+        # with empty rows).
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]
@@ -281,10 +283,10 @@ class Encoder:
                 idx = order[start:stop]
                 start = stop
                 ids, mask = _padded(ids_flat, starts, lengths, idx, width, self.pad_id,
-                                    rows if self.gpu else len(idx))
-                vec = self._embed(ids, mask)
+                                    rows if self.fixed_rows else len(idx))
+                vec = self._embed(ids, mask)[: len(idx)]
                 if self.gpu:
-                    out[torch.from_numpy(idx).to(self.device)] = vec[: len(idx)]
+                    out[torch.from_numpy(idx).to(self.device)] = vec
                 else:
                     out[idx] = vec
                 batches += 1
@@ -356,7 +358,7 @@ class OnnxEncoder(Encoder):
         from tokenizers import Tokenizer
 
         self.spec = spec
-        self.gpu = False
+        self.gpu = self.fixed_rows = False
         folder = spec.export
         if folder is None:
             raise ValueError(f"{spec.model_dir}: an onnxruntime encoder needs its export (export.ensure_exported)")

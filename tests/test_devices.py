@@ -39,7 +39,9 @@ def test_auto_is_the_cpu_without_gpus_and_cuda_when_the_cluster_has_them():
     assert devices.job_devices(cpu_only, 1) == {"embed": "cpu", "search": "cpu"}
     assert devices.job_devices(_job(embed={"device": "cpu"}), 1)["embed"] == "cpu"
     assert devices.resolve_dtype("auto", "cuda") == "bfloat16"
-    assert devices.resolve_dtype("auto", "cpu") == "float32"
+    native = devices.cpu_multiplies_bfloat16()
+    assert devices.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert devices.resolve_dtype("auto", "cpu", "onnxruntime") == "float32"
     assert devices.resolve_dtype("int8", "cuda") == "int8"
 
 
@@ -58,7 +60,7 @@ def test_cuda_without_a_gpu_is_one_line_before_any_work(ray_session, tmp_path, d
 def test_the_device_is_part_of_the_cache_key(tiny_bert):
     cpu, _ = encoder_specs(str(tiny_bert), _Cfg())
     gpu, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
-    assert (cpu.device, cpu.dtype) == ("cpu", "float32")
+    assert cpu.device == "cpu" and cpu.dtype == devices.resolve_dtype("auto", "cpu")
     assert (gpu.device, gpu.dtype) == ("cuda", "bfloat16")
     gpu32 = EncoderSpec(**{**gpu.__dict__, "dtype": "float32"})
     assert len({cpu.key(), gpu.key(), gpu32.key()}) == 3
@@ -70,6 +72,7 @@ def _texts() -> list[str]:
 
 def test_gpu_code_path_on_cpu_tensors_gives_the_cpu_embeddings(tiny_bert, cuda_on_cpu):
     cpu_spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    cpu_spec = EncoderSpec(**{**cpu_spec.__dict__, "dtype": "float32"})
     gpu_spec = EncoderSpec(**{**cpu_spec.__dict__, "device": "cuda"})
     cpu, gpu = Encoder(cpu_spec), Encoder(gpu_spec)
     assert gpu.gpu and gpu.device.type == "cpu" and "CPU tensors" in gpu.device_name
@@ -104,3 +107,14 @@ def test_gpu_batching_defaults_unless_the_job_sets_them():
     assert batching(_job().embed, "cuda") == (4096, GPU_BATCH_TOKENS)
     assert batching(_job().embed, "cpu") == (256, 2048)
     assert batching(_job(embed={"batch_tokens": 8192}).embed, "cuda") == (4096, 8192)
+
+
+def test_bfloat16_on_a_cpu_does_not_depend_on_the_sharding(tiny_bert):
+    # bfloat16 GEMMs round differently for other row counts: every batch of a width has the same rows
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg())
+    enc = Encoder(EncoderSpec(**{**spec.__dict__, "dtype": "bfloat16"}))
+    texts = _texts()
+    ref = enc.encode(texts, 256, 2048)
+    for cut in (1, 17, 50):
+        got = np.concatenate([enc.encode(texts[:cut], 256, 2048), enc.encode(texts[cut:], 256, 2048)])
+        assert np.array_equal(got, ref), cut
