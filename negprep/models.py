@@ -232,7 +232,7 @@ class Encoder:
             self.model = torch.compile(self.model, dynamic=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.dim = self.model.config.hidden_size
-        self.fixed_rows = self.gpu or spec.dtype == "bfloat16"
+        self.fixed_rows = spec.dtype == "bfloat16" and not self.gpu
 
     @property
     def device_name(self) -> str:
@@ -260,10 +260,12 @@ class Encoder:
         # Each text is padded to a width that depends only on its own length (a multiple of
         # PAD_STEP) and batched only with texts of that width: the padded width changes the float
         # results, the batch size does not, so a text's embedding is bit-identical whatever shard
-        # or batch it lands in (deterministic output whatever the sharding). On a GPU, and in
-        # bfloat16 on a CPU, where the GEMM kernel (and so the last bits) changes with the row
-        # count, every batch of a width also has the same number of rows (the last one padded
-        # with empty rows).
+        # or batch it lands in (deterministic output whatever the sharding). In bfloat16 on a CPU,
+        # where the GEMM kernel (and so the last bits) changes with the row count, every batch of
+        # a width also has the same number of rows (the last one padded with empty rows: at most
+        # a batch per width and shard). On a GPU, where that padding would cost up to a 64k-token
+        # batch per width, batches depend on the shard's texts alone: the same whatever the
+        # number of actors, GPUs or nodes, though not whatever `read.shard_rows`.
         widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
         order = np.argsort(widths, kind="stable")
         sorted_widths = widths[order]

@@ -118,3 +118,24 @@ def test_bfloat16_on_a_cpu_does_not_depend_on_the_sharding(tiny_bert):
     for cut in (1, 17, 50):
         got = np.concatenate([enc.encode(texts[:cut], 256, 2048), enc.encode(texts[cut:], 256, 2048)])
         assert np.array_equal(got, ref), cut
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (run in the device check)")
+def test_on_a_real_gpu_the_encoder_stays_within_tolerance_and_repeats_itself(tiny_bert, monkeypatch):
+    monkeypatch.delenv(devices.CUDA_ON_CPU, raising=False)
+    spec, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
+    cpu = Encoder(EncoderSpec(**{**spec.__dict__, "device": "cpu", "dtype": "float32"})).encode(_texts(), 16, 2048)
+    gpu = Encoder(spec)
+    assert gpu.device.type == "cuda"
+    ref = gpu.encode(_texts(), 4096, GPU_BATCH_TOKENS)
+    cos = (ref * cpu).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(cpu, axis=1)
+    assert cos.min() >= 0.99
+    # another actor with the same shard: the same batches, the same bits
+    assert np.array_equal(Encoder(spec).encode(_texts(), 4096, GPU_BATCH_TOKENS), ref)
