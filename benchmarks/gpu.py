@@ -14,7 +14,10 @@ same run:
 2. the cosine of its GPU vectors (bfloat16, as `dtype: auto` picks there) to CPU float32 vectors
    of the same model: >= 0.999 required;
 3. exact flat search: queries/s against 1M x 384 passages, and on a smaller problem the candidates
-   against exact CPU float64 search (rescored survivors, ties by id, as IndexShard does).
+   against exact CPU float64 search (rescored survivors, ties by id, as IndexShard does);
+4. where ray, faiss and polars are installed too: the whole job (`negprep run`, SciFact train x10,
+   5 negatives, relative_margin 0.05) against sentence-transformers' `mine_hard_negatives` on the
+   same GPU (fp16, batch 256, torch search).
 
     python benchmarks/gpu.py --model-dir .gpu-carry/minilm --corpus .gpu-carry/corpus.jsonl
     python benchmarks/gpu.py --smoke        # CPU tensors, tiny sizes: checks the script itself
@@ -59,7 +62,10 @@ def prepare() -> None:
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
-    shutil.copy(ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl", CARRY / "corpus.jsonl")
+    data = ROOT.parent / "shared" / "data" / "scifact"
+    shutil.copy(data / "corpus.jsonl", CARRY / "corpus.jsonl")
+    shutil.copy(data / "queries.jsonl", CARRY / "queries.jsonl")
+    shutil.copy(data / "qrels" / "train.tsv", CARRY / "train.tsv")
     print(f"prepared {CARRY} ({sum(f.stat().st_size for f in CARRY.rglob('*') if f.is_file()) >> 20} MB)")
 
 
@@ -212,6 +218,67 @@ def cosine_check(model_dir: Path, texts: list[str], device: str) -> dict:
     return out
 
 
+def whole_job(model_dir: Path, carry: Path, repeat: int, work: Path, smoke: bool) -> dict:
+    """`negprep run` against `mine_hard_negatives` on SciFact train x `repeat`, both on the GPU."""
+    try:
+        import faiss  # noqa: F401
+        import polars  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"{e.name} is not installed here"}
+    import subprocess
+
+    data = work / "scifact-x"
+    (data / "qrels").mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (carry / "corpus.jsonl").open()][: 300 if smoke else None]
+    with open(data / "corpus.jsonl", "w") as f:
+        for i in range(repeat):
+            for r in rows:
+                text = r["text"] if i == 0 else f"{i} {r['text']}"
+                f.write(json.dumps({"_id": f"{r['_id']}-{i}", "title": r.get("title", ""), "text": text}) + "\n")
+    shutil.copy(carry / "queries.jsonl", data / "queries.jsonl")
+    with open(carry / "train.tsv") as src, open(data / "qrels" / "train.tsv", "w") as dst:
+        dst.write(next(src))
+        for line in src:
+            q, d, score = line.split()
+            dst.write(f"{q}\t{d}-0\t{score}\n")
+    job = {"input": str(data), "output": str(work / "out"), "work_dir": str(work / "job-work"),
+           "model": str(model_dir), "num_negatives": 5, "range_max": 50, "relative_margin": 0.05}
+    (work / "job.yaml").write_text(json.dumps(job))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "negprep", "run", str(work / "job.yaml"), "--overwrite", "--quiet"],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    negprep_s = time.perf_counter() - t0
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    corpus = {}
+    for line in (data / "corpus.jsonl").open():
+        r = json.loads(line)
+        corpus[r["_id"]] = f"{r['title']} {r['text']}".strip()
+    queries = {(r := json.loads(line))["_id"]: r["text"] for line in (data / "queries.jsonl").open()}
+    pairs: dict = {"query": [], "positive": []}
+    for line in list((data / "qrels" / "train.tsv").open())[1:]:
+        q, d, _ = line.split()
+        if q in queries and d in corpus:
+            pairs["query"].append(queries[q])
+            pairs["positive"].append(corpus[d])
+    t0 = time.perf_counter()
+    model = SentenceTransformer(str(model_dir), device="cpu" if smoke else "cuda")
+    if not smoke:
+        model = model.half()
+    mine_hard_negatives(Dataset.from_dict(pairs), model, corpus=list(corpus.values()), range_max=50,
+                        relative_margin=0.05, num_negatives=5, sampling_strategy="top", output_format="triplet",
+                        batch_size=256, use_faiss=False)
+    st_s = time.perf_counter() - t0
+    return {"passages": len(corpus), "negprep_s": round(negprep_s, 1), "mine_hard_negatives_s": round(st_s, 1),
+            "wall_time_ratio": round(negprep_s / st_s, 3), "negprep_stages_s": manifest["timings_s"],
+            "negprep_device": manifest["model"]["device"], "negprep_hardware": manifest["model"]["hardware"]}
+
+
 def table(results: dict) -> str:
     """The README's GPU table, from the JSON this script writes."""
     lines = ["| encoder | negprep (text to vectors, tokenising included) | sentence-transformers fp32, batch 32 | "
@@ -226,6 +293,10 @@ def table(results: dict) -> str:
               f"{s['exact_check']['identical_top_k']} of {s['exact_check']['queries']} queries. Cosine to CPU fp32: "
               + ", ".join(f"{d} min {c['min']}" for d, c in results["cosine"].items())
               + f". ({results['machine']['gpu']}, {results['machine']['cpus']} CPUs)"]
+    job = results.get("job", {})
+    if "wall_time_ratio" in job:
+        lines.append(f"The whole job, {job['passages']:,} passages: negprep {job['negprep_s']} s, "
+                     f"mine_hard_negatives {job['mine_hard_negatives_s']} s (**{job['wall_time_ratio']}x**).")
     return "\n".join(lines)
 
 
@@ -273,6 +344,8 @@ def main() -> None:
     n, m, k = sizes["search"]
     results["search"] = search_bench("cuda", n, m, k, sizes["check"])
     print("search:", results["search"], flush=True)
+    results["job"] = whole_job(tmp / "MiniLM-L6", Path(args.corpus).parent, sizes["repeat"], tmp / "job", args.smoke)
+    print("whole job:", results["job"], flush=True)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU tensors)"
     results["machine"] = {"gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
                           "python": platform.python_version(), "smoke": args.smoke}
