@@ -151,7 +151,9 @@ def _check(tmp_path, m, data_positives=None):
 
 def test_biencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
     guide = build_tiny_bert(tmp_path / "guide-bert", seed=1)
-    g = {"model": str(guide), "type": "biencoder", "absolute_margin": 0.0, "relative_margin": None}
+    # float32: onnxruntime runs float32, and `dtype: auto` is bfloat16 on CPUs that multiply it natively
+    g = {"model": str(guide), "type": "biencoder", "absolute_margin": 0.0, "relative_margin": None,
+         "dtype": "float32"}
     m = run_job(_job(tmp_path, demo_data, tiny_bert, g))
     rows = _check(tmp_path, m)
     assert m["stages"]["guide"]["passages"] <= m["counts"]["passages"]  # only the texts it needs

@@ -98,7 +98,7 @@ def test_two_node_cluster_job_submit_equals_single_node(ray_session, tiny_bert, 
         "range_max": 12,
         "read": {"shard_rows": 10, "query_shard_rows": 30},
         # two 1-CPU embedding actors on 1-CPU nodes: the pool only runs with both nodes in use
-        "embed": {"actors": 2, "threads_per_actor": 1, "batch_size": 16},
+        "embed": {"actors": 2, "threads_per_actor": 1, "batch_size": 16, "dtype": "float32"},
         "search": {"shard_mb": 0.01},
     }
     run_job(parse_job({**job, "output": str(tmp_path / "single"), "work_dir": str(tmp_path / "single-work")}))
