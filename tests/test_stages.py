@@ -17,8 +17,10 @@ from negprep.stages import NAMES, STAGES
 
 def _job(tmp_path, data, model, **kw) -> dict:
     guide = {"model": str(model), "dtype": "bfloat16", "absolute_margin": 0.0, "relative_margin": None}
+    # the miner in float32 (dtype auto is bfloat16 on CPUs that multiply it natively)
     return {"input": str(data), "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
-            "model": str(model), "num_negatives": 2, "range_max": 10, "guide": guide, "batch_size": 4, **kw}
+            "model": str(model), "embed": {"dtype": "float32"}, "num_negatives": 2, "range_max": 10, "guide": guide,
+            "batch_size": 4, **kw}
 
 
 def _reuse(m: dict) -> dict:
