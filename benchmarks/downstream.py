@@ -15,6 +15,7 @@ InformationRetrievalEvaluator, for the base model too. Prints a table and writes
 finished run, so an interrupted run keeps what it finished.
 
     python benchmarks/downstream.py [--data ../shared/data/scifact] [--work /tmp/negprep-downstream] [--seeds 0 1]
+    python benchmarks/downstream.py --readme   # the README's table from benchmarks/results/downstream.json
 
 The work directory (`<work>/work`) caches embeddings, the guide's included (embedding the corpus
 with mpnet takes 10-15 minutes on 2 CPU cores; later runs reuse it). A check of the whole script
@@ -83,8 +84,13 @@ def mine(name: str, data: str, work: Path) -> dict:
     job = {"input": data, "output": str(work / name), "work_dir": str(work / "work"), **settings_of(name)}
     t0 = time.perf_counter()
     m = run_job(parse_job(job), overwrite=True)
-    info = {"job": settings_of(name), "seconds": round(time.perf_counter() - t0, 1), "timings": m.get("timings"),
+    info = {"job": settings_of(name), "seconds": round(time.perf_counter() - t0, 1), "timings": m.get("timings_s"),
             "rows": m["counts"].get("rows_written", m["counts"].get("rows")), "counts": m["counts"]}
+    import pyarrow.parquet as pq
+
+    ranks = sorted(pq.read_table(work / name / "data", columns=["negative_rank"])["negative_rank"].to_pylist())
+    info["negative_rank"] = {"median": statistics.median(ranks), "mean": round(statistics.mean(ranks), 2),
+                             "max": ranks[-1]} if ranks else None
     if m.get("batches"):
         info["batches"] = {k: m["batches"].get(k) for k in
                            ("batches", "batches_mixed", "rows", "rows_dropped", "single_cluster_share")}
@@ -148,6 +154,38 @@ def fine_tune(train_dir: Path, setting: str, seed: int, max_rows: int | None, wo
                    "train_loss": round(float(out.training_loss), 4)}
 
 
+BEGIN, END = "<!-- downstream:begin (python benchmarks/downstream.py --readme) -->", "<!-- downstream:end -->"
+LABELS = {"naive": "naive top-1 (ranks 0-50, no margins)",
+          "recipe": "recipe: mpnet guide (relative 0.1, absolute 0.0), relative_margin 0.05, ranks 0-100, "
+                    "topic batches of 32 in file order"}
+
+
+def readme_table(result: dict) -> str:
+    """The README's table from the JSON: every finished run, the mean per setting and its difference to naive."""
+    runs = result["runs"]
+    means = {n: statistics.mean(r["ndcg@10"] for r in runs if r["setting"] == n)
+             for n in dict.fromkeys(r["setting"] for r in runs)}
+    lines = ["| setting | training rows | seed | nDCG@10 | mean over seeds | mean vs naive (points) |",
+             "|---|---|---|---|---|---|"]
+    if "base" in result:
+        lines.append(f"| all-MiniLM-L6-v2, not fine-tuned | | | {result['base']['ndcg@10']:.4f} | | |")
+    for n, mean in means.items():
+        rs = [r for r in runs if r["setting"] == n]
+        diff = f"{100 * (mean - means['naive']):+.1f}" if "naive" in means and n != "naive" else ""
+        for i, r in enumerate(rs):
+            lines.append(f"| {LABELS.get(n, n) if i == 0 else ''} | {r['rows'] if i == 0 else ''} | {r['seed']} | "
+                         f"{r['ndcg@10']:.4f} | {f'{mean:.4f}' if i == 0 else ''} | {diff if i == 0 else ''} |")
+    return "\n".join(lines)
+
+
+def write_readme(result: dict) -> None:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{readme_table(result)}\n{END}{tail}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
@@ -158,10 +196,14 @@ def main() -> None:
     ap.add_argument("--queries-limit", type=int, help="evaluate on the first N test queries only (a smoke test)")
     ap.add_argument("--corpus-limit", type=int, help="evaluate on the judged passages + the first N (a smoke test)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "downstream.json"))
+    ap.add_argument("--readme", action="store_true", help="only rewrite the README's table from --out")
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs (and base score) already in --out that were made with the same settings")
     args = ap.parse_args()
+    if args.readme:
+        write_readme(json.loads(Path(args.out).read_text()))
+        return
 
     import torch
 
