@@ -1,12 +1,16 @@
 """Does the recommended recipe train a better retriever than naive top-1 negatives? nDCG@10 on SciFact test.
 
-Mines SciFact train (809 queries, 919 judgments) with all-MiniLM-L6-v2 into two triplet outputs
-with one negative per (query, positive):
+Mines SciFact train (809 queries, 919 judgments) with all-MiniLM-L6-v2 into triplet outputs with
+one negative per (query, positive):
 
 - `naive`: the nearest non-positive passage (top-1), no guide, no margins, no batches;
-- `recipe`: all-mpnet-base-v2 as guide (GuideConfig's defaults, written out), the miner's
-  positive-aware relative margin 0.05 (NV-Retriever's TopK-PercPos), a 0-100 window, and topic
-  batches of 32 (trained in file order).
+- `recipe`: negprep's defaults with all-mpnet-base-v2 as guide (GuideConfig's rules, a 0-200
+  window, near-duplicate rule 0.97), written out, and topic batches of 32 (trained in file order);
+- `shuffled`: the recipe's negatives without topic batches (the trainer's shuffled batches);
+- `gist`: the recipe with only GISTEmbed's rule (drop a candidate the guide scores above the
+  positive; no relative margin, no z-score rule);
+- `margin`: the first recipe tried: the guide's earlier rules (relative 0.1, no z-score rule,
+  ranks 0-100) plus the miner's positive-aware relative margin 0.05 (NV-Retriever's TopK-PercPos).
 
 Then fine-tunes a fresh all-MiniLM-L6-v2 on each for one epoch with sentence-transformers
 (MultipleNegativesRankingLoss, batch 32, lr 2e-5, the card's `mnrl` columns), once per seed, and
@@ -31,6 +35,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,15 +63,28 @@ SETTINGS = {
     # top-1: the nearest passage that is not a labelled positive; only exact copies of a positive are dropped
     "naive": {"range_min": 0, "range_max": 50, "relative_margin": None, "absolute_margin": None,
               "near_duplicate": None, "guide": None, "batch_size": None, "clusters": None},
-    # guide = GuideConfig's defaults (negprep/config.py), written out
-    "recipe": {"range_min": 0, "range_max": 100, "relative_margin": 0.05, "absolute_margin": None,
+    # the recommended recipe = negprep's defaults with a guide (GuideConfig, MineConfig), written out, and
+    # topic batches of 32 trained in file order
+    "recipe": {"range_min": 0, "range_max": 200, "relative_margin": None, "absolute_margin": None,
+               "near_duplicate": 0.97,
+               "guide": {"model": GUIDE, "type": "biencoder", "absolute_margin": 0.0, "relative_margin": 0.05,
+                         "max_zscore": 2.0, "max_score": None, "dtype": "float32", "runtime": "torch",
+                         "max_length": 256},
+               "batch_size": BATCH, "clusters": None, "partial_batches": "merge"},
+    # the first recipe tried: the guide's earlier defaults (relative 0.1, no z-score rule, ranks 0-100) and the
+    # miner's positive-aware relative_margin 0.05, which on SciFact leaves 79 of 809 queries no candidate
+    "margin": {"range_min": 0, "range_max": 100, "relative_margin": 0.05, "absolute_margin": None,
                "near_duplicate": 0.97,
                "guide": {"model": GUIDE, "type": "biencoder", "absolute_margin": 0.0, "relative_margin": 0.1,
-                         "max_score": None, "dtype": "float32", "runtime": "torch", "max_length": 256},
+                         "max_zscore": None, "max_score": None, "dtype": "float32", "runtime": "torch",
+                         "max_length": 256},
                "batch_size": BATCH, "clusters": None, "partial_batches": "merge"},
 }
-# the recipe without the miner's margin: on SciFact that margin leaves 79 of 809 queries no candidate at all
-SETTINGS["guide"] = {**SETTINGS["recipe"], "relative_margin": None}
+# the recipe's negatives in the trainer's default shuffled batches: what the topic batches add
+SETTINGS["shuffled"] = {**SETTINGS["recipe"], "batch_size": None, "clusters": None}
+# the recipe with GISTEmbed's rule alone: drop a candidate the guide scores above the positive
+SETTINGS["gist"] = {**SETTINGS["recipe"],
+                    "guide": {**SETTINGS["recipe"]["guide"], "relative_margin": None, "max_zscore": None}}
 
 
 def in_order(dataset, batch_size, drop_last, **kwargs):
@@ -140,7 +158,10 @@ def fine_tune(train_dir: Path, setting: str, seed: int, max_rows: int | None, wo
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-    ds = datasets.load_dataset(str(train_dir), "mnrl", split="train")  # the card's config: query, positive, negative
+    # the card's config: query, positive, negative; a fresh cache, since datasets caches a local folder by its name
+    # and card, and a setting mined again into the same folder must not train on the previous data
+    cache = tempfile.mkdtemp(dir=work, prefix="datasets-")
+    ds = datasets.load_dataset(str(train_dir), "mnrl", split="train", cache_dir=cache)
     if max_rows:
         ds = ds.select(range(min(max_rows, len(ds))))
     model = SentenceTransformer(resolve_model(MODEL), device="cpu")  # a fresh copy of the base model
@@ -158,9 +179,12 @@ def fine_tune(train_dir: Path, setting: str, seed: int, max_rows: int | None, wo
 
 BEGIN, END = "<!-- downstream:begin (python benchmarks/downstream.py --readme) -->", "<!-- downstream:end -->"
 LABELS = {"naive": "naive top-1 (ranks 0-50, no margins)",
-          "recipe": "recipe: mpnet guide (relative 0.1, absolute 0.0), relative_margin 0.05, ranks 0-100, "
-                    "topic batches of 32 in file order",
-          "guide": "the recipe without the miner's relative_margin (guide only, ranks 0-100, topic batches of 32)"}
+          "recipe": "**recipe**: negprep's defaults with an mpnet guide (relative 0.05, absolute 0.0, max_zscore 2.0, "
+                    "ranks 0-200), topic batches of 32 in file order",
+          "shuffled": "the recipe's negatives in shuffled batches (no topic batches)",
+          "gist": "the recipe with the guide's absolute_margin 0.0 only (GISTEmbed's rule), topic batches",
+          "margin": "first try: guide relative 0.1, no max_zscore, ranks 0-100, plus the miner's relative_margin "
+                    "0.05, topic batches"}
 
 
 def readme_table(result: dict) -> str:

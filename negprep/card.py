@@ -8,6 +8,8 @@ the data files are; the body says how the data was made, how many rows each step
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -74,6 +76,11 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         configs.append({"config_name": "tevatron", "data_files": [{"split": "train", "path": "tevatron/*.parquet"}]})
     if rejected:
         configs.append({"config_name": "rejected_input", "data_files": [{"split": "train", "path": rejected}]})
+    # datasets caches a local folder under its name and a hash of its card, never of the data files: a card that
+    # names the run makes a job rewriting its output folder load fresh, not the previous run's cached rows
+    run = hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    for config in configs:
+        config["description"] = f"negprep run {run}"
     front = {
         "configs": configs,
         "tags": ["sentence-transformers", "hard-negatives", "negprep"],

@@ -128,6 +128,7 @@ def test_report_from_an_empty_run_still_renders():
 
 def _fake_output(tmp_path: Path, m: dict) -> Path:
     out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
     rows = {f.name: [] for f in schema("triplet")}
     for i in range(m["rows"]):
         rows["query"].append(f"q{i}")
@@ -166,6 +167,21 @@ def test_dataset_card_front_matter_loads_with_datasets(tmp_path):
     assert rej.num_rows == 1
     distill = datasets.load_dataset(str(out), "distill", split="train")
     assert distill.column_names == ["query", "positive", "negative", "scores"]
+
+
+def test_a_second_run_into_the_same_folder_is_not_read_from_datasets_cache(tmp_path):
+    """datasets caches a local folder by its name and card: a scheduled job rewriting its output folder must not
+    hand the trainer the previous run's rows."""
+    import datasets
+
+    cache = str(tmp_path / "hf-cache")
+    for rows in (6, 4):
+        m = _manifest(rows=rows) | {"created_unix": 1_700_000_000}  # same second, same config: only the data differ
+        out = _fake_output(tmp_path, m)
+        m["output"] = str(out)
+        write_card(Folder(str(out)), m)
+        ds = datasets.load_dataset(str(out), "mnrl", split="train", cache_dir=cache)
+        assert ds.num_rows == rows
 
 
 def test_card_lists_ntuple_columns_and_size_categories():
