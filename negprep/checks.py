@@ -72,11 +72,20 @@ def _blank(col: str) -> pl.Expr:
 class Rows:
     """One input's rows on their way through the checks; rejects keep reason, line and message."""
 
-    def __init__(self, role: str, table: RawTable):
+    def __init__(self, role: str, table: RawTable, piece_of_several: bool = False,
+                 columns: dict[str, str] | None = None):
         self.role, self.t = role, table
         self.name = table.url
         self.rows_read = table.rows_read  # the whole input's, when `table` holds several pieces' rows
         self.rejected: list[pl.DataFrame] = []
+        # JSON lines name their own keys, so one piece of a file may lack a column, or an alias of it, that the
+        # others have. A piece records what it picked (`picked`: what -> [column, rank among the names] or None)
+        # and what it lacks (`absent`: the error a whole read would raise); the read stage then has the pieces
+        # that picked otherwise checked again with the file's `columns` (what -> column), as a whole read picks
+        self.piece_of_several = piece_of_several
+        self.columns = columns or {}
+        self.picked: dict[str, list | None] = {}
+        self.absent: list[str] = []
         if table.problems:
             p = table.problems
             self.rejected.append(
@@ -93,9 +102,16 @@ class Rows:
 
     def pick(self, names: tuple[str, ...], what: str, required: bool = True) -> str | None:
         cols = self.t.columns
-        for n in names:
+        if what in self.columns:  # the file's choice: rows of this piece without it have it empty
+            col = self.columns[what]
+            if col not in cols:
+                self.t.frame = self.t.frame.with_columns(pl.lit(None, pl.String).alias(col))
+            return col
+        for rank, n in enumerate(names):
             if n in cols:
+                self.picked[what] = [n, rank]
                 return n
+        self.picked[what] = None
         if not required:
             return None
         hint = ""
@@ -105,7 +121,12 @@ class Rows:
         elif cols and all(c.strip().lstrip("-").isdigit() for c in cols):
             hint = "; the first line is read as the header: is it missing?"
         found = ", ".join(cols) if cols else "no columns"
-        raise InputError(f"{self.name}: no {what} column (looked for {', '.join(names)}; found {found}){hint}")
+        message = f"{self.name}: no {what} column (looked for {', '.join(names)}; found {found}){hint}"
+        if not self.piece_of_several:
+            raise InputError(message)
+        self.absent.append(message)
+        self.t.frame = self.t.frame.with_columns(pl.lit(None, pl.String).alias(names[0]))
+        return names[0]
 
     def reject(self, df: pl.DataFrame, bad: pl.Expr, reason: str, detail: pl.Expr | str) -> pl.DataFrame:
         """Rows of `df` where `bad` holds (or is null) go to the rejected rows; the rest is returned."""
@@ -346,6 +367,27 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
     }
 
 
+def require_columns(absent: list[list[str]]) -> None:
+    """Every piece of a file with rows lacks a required column (`Rows.absent` of each): the error a
+    whole read stops with."""
+    if absent and all(absent):
+        raise InputError(absent[0][0])
+
+
+def file_columns(picked: list[dict[str, list | None]]) -> tuple[dict[str, str], list[int]]:
+    """From every piece's `Rows.picked`: the column a whole read picks for each field (the
+    first-ranked name any piece has), and the pieces that picked otherwise (pieces without rows
+    picked nothing and are left as they are)."""
+    columns: dict[str, list] = {}
+    for p in picked:
+        for what, v in p.items():
+            if v and (what not in columns or v[1] < columns[what][1]):
+                columns[what] = v
+    chosen = {what: v[0] for what, v in columns.items()}
+    redo = [i for i, p in enumerate(picked) if p and any((p.get(w) or [None])[0] != c for w, c in chosen.items())]
+    return chosen, redo
+
+
 def require_rows(rows: Rows, parsed: int) -> None:
     """An input with no parsed row at all stops the job, naming its first problem if it has one."""
     if parsed:
@@ -452,10 +494,12 @@ def check_inputs(job: Job) -> dict[str, dict]:
 _CHECKS = {"corpus": corpus_rows, "queries": query_rows, "qrels": qrel_rows}
 
 
-def check_piece(job: Job, role: str, table: RawTable) -> tuple[Rows, pl.DataFrame]:
+def check_piece(job: Job, role: str, table: RawTable, piece_of_several: bool = False,
+                columns: dict[str, str] | None = None) -> tuple[Rows, pl.DataFrame]:
     """One piece of a corpus, queries or qrels input through its per-row checks: its `Rows` (with
-    the rows it rejected) and the rows kept, with the input's own columns and the normalised ones."""
-    rows = Rows(role, table)
+    the rows it rejected and the columns it picked or lacks) and the rows kept, with the input's
+    own columns and the normalised ones. `columns`: the file's columns (`file_columns`)."""
+    rows = Rows(role, table, piece_of_several, columns)
     if table.frame.height == 0:
         return rows, pl.DataFrame(schema={LINE: pl.Int64})
     return rows, _CHECKS[role](rows, job)

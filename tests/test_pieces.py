@@ -151,6 +151,37 @@ def test_line_numbers_far_into_a_later_piece_are_the_files_own(ray_session, tmp_
     assert dup["reason"] == "duplicate_id" and f"(first on line {first})" in dup["detail"]
 
 
+@pytest.mark.parametrize("key", ["body", "other"])
+def test_pieces_whose_rows_lack_the_files_column_are_read_as_a_whole_read_does(ray_session, tmp_path, key):
+    """JSON lines name their own keys: a run of rows with only an alias of the text key ("body"), or none
+    ("other"), fills whole pieces; a whole read picks "text" for the file and rejects them, and so must the pieces."""
+    root = _write_inputs(tmp_path / "in", "jsonl", n=300)
+    lines = (root / "corpus.jsonl").read_text().splitlines()
+    gap = [json.dumps({"_id": f"gap{i}", key: f"not the text {i} " + "w " * 40}) for i in range(150)]  # > 2 pieces
+    (root / "corpus.jsonl").write_text("\n".join(lines[:100] + gap + lines[100:]) + "\n")
+    whole = _read(_job(root, "jsonl", tmp_path / "whole", 64))
+    cut = _read(_job(root, "jsonl", tmp_path / "cut", TINY_MB))
+    assert cut.inputs["corpus"]["pieces"] >= 8
+    rej = _rejected(cut)
+    gaps = rej.filter(pl.col("detail").str.contains("'gap"))
+    assert gaps.height == 150 and set(gaps["reason"]) == {"empty_text"}  # one by one, with their lines
+    assert rej.equals(_rejected(whole))
+    assert _without_pieces(cut.inputs) == _without_pieces(whole.inputs)
+    assert [s.digest for s in cut.corpus_shards] == [s.digest for s in whole.corpus_shards]
+
+
+def test_a_column_no_piece_has_stops_the_job_as_a_whole_read_does(ray_session, tmp_path):
+    root = _write_inputs(tmp_path / "in", "jsonl", n=50)
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": f"d{i}", "words": "w " * 40}) for i in range(300)))
+    errors = []
+    for name, mb in (("whole", 64), ("cut", TINY_MB)):
+        with pytest.raises(InputError) as e:
+            _read(_job(root, "jsonl", tmp_path / name, mb))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "no text column" in errors[0]
+    assert not list((tmp_path / "cut").rglob("corpus/*.parquet"))  # stopped before any shard was written
+
+
 def test_csv_field_with_a_newline_across_a_cut_reads_that_file_whole(ray_session, tmp_path):
     root = _write_inputs(tmp_path / "in", "csv", n=200)
     rows = [["_id", "title", "text"]] + [[f"d{i}", "t", f"line one {i}\nline two {i} " + "w " * 60] for i in range(200)]

@@ -81,11 +81,12 @@ def _write(job: Job, out: Folder, res: dict, corpus_shards: list[Shard], passage
 # --- the Ray tasks of a read piece by piece; `folder` is the stage's `input/<key>/`
 
 
-def check(job: Job, piece: Piece, folder: Folder, buckets: int) -> dict:
-    """Read one piece and run its per-row checks; writes `pieces/<name>/` and returns its summary."""
+def check(job: Job, piece: Piece, folder: Folder, buckets: int, columns: dict[str, str] | None = None) -> dict:
+    """Read one piece and run its per-row checks; writes `pieces/<name>/` and returns its summary.
+    `columns`: the file's columns, when this piece picked others (`checks.file_columns`)."""
     at = folder.sub("pieces", piece.name)
     table = pieces.read(piece, job.storage)
-    rows, kept = checks.check_piece(job, piece.role, table)
+    rows, kept = checks.check_piece(job, piece.role, table, piece_of_several=not piece.whole, columns=columns)
     at.write_parquet("kept.parquet", kept.to_arrow())
     at.write_parquet("rejected.parquet", rows.frame().to_arrow())
     if piece.role in ("corpus", "qrels"):
@@ -93,7 +94,8 @@ def check(job: Job, piece: Piece, folder: Folder, buckets: int) -> dict:
     elif piece.role == "queries":
         at.write_parquet("ids.parquet", checks.id_lines(rows).to_arrow())
     summary = {"piece": asdict(piece), "rows_read": table.rows_read, "parsed": table.frame.height,
-               "kept": kept.height, "sha256": table.sha256, "open_quote_at_end": table.open_quote_at_end}
+               "kept": kept.height, "sha256": table.sha256, "open_quote_at_end": table.open_quote_at_end,
+               "picked": rows.picked, "absent": rows.absent}
     at.write_json("piece.json", summary)  # last: its presence means the piece is finished
     return summary
 
@@ -238,6 +240,9 @@ class Read(Stage):
             plan[role] = [Piece(role, files[role], plan[role][0].fmt)]
         if cut:
             summaries |= self._check(run, folder, {r: plan[r] for r in cut}, buckets)
+        for ps in plan.values():  # a column no piece has stops the job, as a whole read does
+            checks.require_columns([summaries[p.name].get("absent", []) for p in ps if summaries[p.name]["parsed"]])
+        summaries |= self._agree(run, folder, plan, buckets, summaries)
         names = {role: [p.name for p in ps] for role, ps in plan.items()}
         dups = run.ex.map(resolve, [(folder, names["corpus"], names["qrels"], b) for b in range(buckets)], res,
                           desc="read: duplicates")
@@ -249,6 +254,17 @@ class Read(Stage):
                          res, desc="read: shards")
         corpus_shards = [s for part in out for s in part]
         run.ex.call(link, job, folder, files, plan, summaries, corpus_shards, total, res=res)
+
+    def _agree(self, run: Run, folder: Folder, plan: dict[str, list[Piece]], buckets: int,
+               summaries: dict[str, dict]) -> dict[str, dict]:
+        """Pieces that picked other columns than the file's (a JSON lines piece without a key, or with
+        only an alias of it) checked again with the file's columns; their new summaries."""
+        todo = []
+        for ps in plan.values():
+            columns, redo = checks.file_columns([summaries[p.name].get("picked", {}) for p in ps])
+            todo += [(run.job, ps[i], folder, buckets, columns) for i in redo]
+        done = run.ex.map(check, todo, self.resources(run)["piece"], desc="read: pieces again") if todo else []
+        return {args[1].name: s for args, s in zip(todo, done, strict=True)}
 
     def _check(self, run: Run, folder: Folder, plan: dict[str, list[Piece]], buckets: int) -> dict[str, dict]:
         """Every piece through `check`, skipping pieces a previous run finished."""
