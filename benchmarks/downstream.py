@@ -7,6 +7,7 @@ one negative per (query, positive):
 - `recipe`: negprep's defaults with all-mpnet-base-v2 as guide (GuideConfig's rules, a 0-200
   window, near-duplicate rule 0.97), written out, and topic batches of 32 (trained in file order);
 - `shuffled`: the recipe's negatives without topic batches (the trainer's shuffled batches);
+- `topic`: naive top-1 negatives in topic batches of 32;
 - `gist`: the recipe with only GISTEmbed's rule (drop a candidate the guide scores above the
   positive; no relative margin, no z-score rule);
 - `margin`: the first recipe tried: the guide's earlier rules (relative 0.1, no z-score rule,
@@ -82,6 +83,8 @@ SETTINGS = {
 }
 # the recipe's negatives in the trainer's default shuffled batches: what the topic batches add
 SETTINGS["shuffled"] = {**SETTINGS["recipe"], "batch_size": None, "clusters": None}
+# naive top-1 negatives in topic batches: what the batches add without a guide
+SETTINGS["topic"] = {**SETTINGS["naive"], "batch_size": BATCH, "clusters": None, "partial_batches": "merge"}
 # the recipe with GISTEmbed's rule alone: drop a candidate the guide scores above the positive
 SETTINGS["gist"] = {**SETTINGS["recipe"],
                     "guide": {**SETTINGS["recipe"]["guide"], "relative_margin": None, "max_zscore": None}}
@@ -179,10 +182,11 @@ def fine_tune(train_dir: Path, setting: str, seed: int, max_rows: int | None, wo
 
 BEGIN, END = "<!-- downstream:begin (python benchmarks/downstream.py --readme) -->", "<!-- downstream:end -->"
 LABELS = {"naive": "naive top-1 (ranks 0-50, no margins)",
-          "recipe": "**recipe**: negprep's defaults with an mpnet guide (relative 0.05, absolute 0.0, max_zscore 2.0, "
-                    "ranks 0-200), topic batches of 32 in file order",
-          "shuffled": "the recipe's negatives in shuffled batches (no topic batches)",
-          "gist": "the recipe with the guide's absolute_margin 0.0 only (GISTEmbed's rule), topic batches",
+          "topic": "naive top-1 in topic batches of 32 (no guide)",
+          "gist": "guide with GISTEmbed's rule only (absolute_margin 0.0), ranks 0-200, topic batches of 32",
+          "recipe": "negprep's default guide rules (relative 0.05, absolute 0.0, max_zscore 2.0, ranks 0-200), "
+                    "topic batches of 32",
+          "shuffled": "the same negatives as the line above, in shuffled batches",
           "margin": "first try: guide relative 0.1, no max_zscore, ranks 0-100, plus the miner's relative_margin "
                     "0.05, topic batches"}
 
@@ -190,8 +194,9 @@ LABELS = {"naive": "naive top-1 (ranks 0-50, no margins)",
 def readme_table(result: dict) -> str:
     """The README's table from the JSON: every finished run, the mean per setting and its difference to naive."""
     runs = result["runs"]
-    means = {n: statistics.mean(r["ndcg@10"] for r in runs if r["setting"] == n)
-             for n in dict.fromkeys(r["setting"] for r in runs)}
+    order = [*LABELS, *(r["setting"] for r in runs)]
+    names = sorted(dict.fromkeys(r["setting"] for r in runs), key=order.index)
+    means = {n: statistics.mean(r["ndcg@10"] for r in runs if r["setting"] == n) for n in names}
     lines = ["| setting | training rows | seed | nDCG@10 | mean over seeds | mean vs naive (points) |",
              "|---|---|---|---|---|---|"]
     if "base" in result:
