@@ -114,10 +114,22 @@ def mine(name: str, data: str, work: Path) -> dict:
     ranks = sorted(pq.read_table(work / name / "data", columns=["negative_rank"])["negative_rank"].to_pylist())
     info["negative_rank"] = {"median": statistics.median(ranks), "mean": round(statistics.mean(ranks), 2),
                              "max": ranks[-1]} if ranks else None
+    info["same_negative_as_naive"] = same_as_naive(work, name)
     if m.get("batches"):
         info["batches"] = {k: m["batches"].get(k) for k in
                            ("batches", "batches_mixed", "rows", "rows_dropped", "single_cluster_share")}
     return info
+
+
+def same_as_naive(work: Path, name: str) -> int | None:
+    """How many of a setting's (query, positive) pairs got naive top-1's negative (None before naive is mined)."""
+    import polars as pl
+
+    if name == "naive" or not (work / "naive" / "data").exists():
+        return None
+    keys = ["query_id", "positive_id", "negative_id"]
+    return pl.read_parquet(work / "naive" / "data" / "*.parquet", columns=keys).join(
+        pl.read_parquet(work / name / "data" / "*.parquet", columns=keys), on=keys).height
 
 
 def beir_test(data: Path, queries_limit: int | None, corpus_limit: int | None):
@@ -183,10 +195,11 @@ def fine_tune(train_dir: Path, setting: str, seed: int, max_rows: int | None, wo
 BEGIN, END = "<!-- downstream:begin (python benchmarks/downstream.py --readme) -->", "<!-- downstream:end -->"
 LABELS = {"naive": "naive top-1 (ranks 0-50, no margins)",
           "topic": "naive top-1 in topic batches of 32 (no guide)",
-          "gist": "guide with GISTEmbed's rule only (absolute_margin 0.0), ranks 0-200, topic batches of 32",
+          "gist": "**recommended recipe**: guide with GISTEmbed's rule only (absolute_margin 0.0), ranks 0-200, "
+                  "topic batches of 32",
           "recipe": "negprep's default guide rules (relative 0.05, absolute 0.0, max_zscore 2.0, ranks 0-200), "
                     "topic batches of 32",
-          "shuffled": "the same negatives as the line above, in shuffled batches",
+          "shuffled": "negprep's default guide rules, shuffled batches (no topic batches)",
           "margin": "first try: guide relative 0.1, no max_zscore, ranks 0-100, plus the miner's relative_margin "
                     "0.05, topic batches"}
 
@@ -197,16 +210,20 @@ def readme_table(result: dict) -> str:
     order = [*LABELS, *(r["setting"] for r in runs)]
     names = sorted(dict.fromkeys(r["setting"] for r in runs), key=order.index)
     means = {n: statistics.mean(r["ndcg@10"] for r in runs if r["setting"] == n) for n in names}
-    lines = ["| setting | training rows | seed | nDCG@10 | mean over seeds | mean vs naive (points) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | training rows | rows with naive's negative | seed | nDCG@10 | mean over seeds | "
+             "mean vs naive (points) |", "|---|---|---|---|---|---|---|"]
     if "base" in result:
-        lines.append(f"| all-MiniLM-L6-v2, not fine-tuned | | | {result['base']['ndcg@10']:.4f} | | |")
+        lines.append(f"| all-MiniLM-L6-v2, not fine-tuned | | | | {result['base']['ndcg@10']:.4f} | | |")
     for n, mean in means.items():
         rs = [r for r in runs if r["setting"] == n]
         diff = f"{100 * (mean - means['naive']):+.1f}" if "naive" in means and n != "naive" else ""
+        same = result["settings"].get(n, {}).get("same_negative_as_naive")
+        first = {"label": LABELS.get(n, n), "rows": rs[0]["rows"], "same": "" if same is None else same,
+                 "mean": f"{mean:.4f}", "diff": diff}
         for i, r in enumerate(rs):
-            lines.append(f"| {LABELS.get(n, n) if i == 0 else ''} | {r['rows'] if i == 0 else ''} | {r['seed']} | "
-                         f"{r['ndcg@10']:.4f} | {f'{mean:.4f}' if i == 0 else ''} | {diff if i == 0 else ''} |")
+            f = first if i == 0 else dict.fromkeys(first, "")
+            lines.append(f"| {f['label']} | {f['rows']} | {f['same']} | {r['seed']} | {r['ndcg@10']:.4f} "
+                         f"| {f['mean']} | {f['diff']} |")
     return "\n".join(lines)
 
 
