@@ -140,6 +140,7 @@ def collection(data: Path, work: Path, guide: str) -> dict:
         "naive top-k (ranks 0-50)": (mining.Rules(range_max=50), False, None),
         "relative_margin 0.05 (miner only, ST-like)": (mining.Rules(range_max=50, relative_margin=0.05), False, None),
         "guide, GIST rule, ranks 0-100": (g(range_max=100), True, None),
+        "guide, GIST rule, ranks 0-200 (downstream recipe)": (g(), True, None),
         "old default: relative 0.1, ranks 0-100": (old, True, None),
         "wider window: relative 0.1, ranks 0-200": (g(guide_relative_margin=0.1), True, None),
         "relative 0.05, ranks 0-200": (g(guide_relative_margin=0.05), True, None),

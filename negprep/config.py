@@ -124,8 +124,8 @@ class GuideConfig(EmbedConfig):
     The embedding keys (pooling, prompts, max_length, ...) apply to a bi-encoder guide.
 
     The defaults (relative 0.05 and max_zscore 2.0 with a 200-rank window) are the ones
-    benchmarks/guide_quality.py found on Cranfield and CACM alike: a fifth to a quarter of naive
-    top-k's false negatives, 4.8+ negatives per query, median negative rank 11-14.
+    benchmarks/guide_quality.py found on Cranfield and CACM alike: a fifth to a third of naive
+    top-k's false negatives, 4.8+ negatives per query, median negative rank 10-14.5.
     """
 
     model: str
