@@ -103,10 +103,7 @@ class Rows:
     def pick(self, names: tuple[str, ...], what: str, required: bool = True) -> str | None:
         cols = self.t.columns
         if what in self.columns:  # the file's choice: rows of this piece without it have it empty
-            col = self.columns[what]
-            if col not in cols:
-                self.t.frame = self.t.frame.with_columns(pl.lit(None, pl.String).alias(col))
-            return col
+            return self._present(self.columns[what])
         for rank, n in enumerate(names):
             if n in cols:
                 self.picked[what] = [n, rank]
@@ -125,8 +122,13 @@ class Rows:
         if not self.piece_of_several:
             raise InputError(message)
         self.absent.append(message)
-        self.t.frame = self.t.frame.with_columns(pl.lit(None, pl.String).alias(names[0]))
-        return names[0]
+        return self._present(names[0])
+
+    def _present(self, col: str) -> str:
+        """`col`, added empty where this piece's rows lack it: each row is then checked as a whole read checks it."""
+        if col not in self.t.columns:
+            self.t.frame = self.t.frame.with_columns(pl.lit(None, pl.String).alias(col))
+        return col
 
     def reject(self, df: pl.DataFrame, bad: pl.Expr, reason: str, detail: pl.Expr | str) -> pl.DataFrame:
         """Rows of `df` where `bad` holds (or is null) go to the rejected rows; the rest is returned."""
