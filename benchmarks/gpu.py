@@ -6,22 +6,27 @@ and GPU search (negprep.gpu_search), which need nothing else. It measures, on th
 same run:
 
 1. negprep's encoder from text to vectors, tokenising included (a pool of CPU processes tokenises
-   chunks while the GPU embeds the ones before, as the embed stage's CPU tasks do), against
+   pieces of 20,000-text shards while the GPU embeds the pieces before, as the embed stage's CPU
+   tasks and GPU actors do: `tokenize_piece`, `Encoder.encode_pieces`), against
    sentence-transformers' `encode` at its defaults (fp32, batch 32) and at its best setting here
    (fp16, batch 256), for an all-MiniLM-L6-v2-shaped and a BERT-base-shaped encoder with random
    weights (the real MiniLM config and tokenizer; the weights, 91 MB, do not fit one call's carry,
    and random weights time exactly the same);
 2. the cosine of its GPU vectors (bfloat16, as `dtype: auto` picks there) to CPU float32 vectors
-   of the same model: >= 0.999 required;
+   of the same model (500 texts; the CPU reference on every core): >= 0.999 required;
 3. exact flat search: queries/s against 1M x 384 passages, and on a smaller problem the candidates
    against exact CPU float64 search (rescored survivors, ties by id, as IndexShard does);
-4. where ray, faiss and polars are installed too: the whole job (`negprep run`, SciFact train x10,
+4. the real-CUDA tests (`pytest -m cuda tests/test_cuda.py`), their output kept;
+5. where ray, faiss and polars are installed too: the whole job (`negprep run`, SciFact train x10,
    5 negatives, relative_margin 0.05) against sentence-transformers' `mine_hard_negatives` on the
    same GPU (fp16, batch 256, torch search).
 
-    python benchmarks/gpu.py --model-dir .gpu-carry/minilm --corpus .gpu-carry/corpus.jsonl
-    python benchmarks/gpu.py --smoke        # CPU tensors, tiny sizes: checks the script itself
-    python benchmarks/gpu.py --table benchmarks/results/gpu.json   # the README's table from the JSON
+Each section writes `DIR/<section>.json` as soon as it ends (a timeout keeps what finished), and
+`DIR/gpu.json` holds them all at the end:
+
+    python3 benchmarks/gpu.py --out DIR     # on the GPU machine, after --prepare here (see README, GPUs)
+    python3 benchmarks/gpu.py --smoke --out DIR   # CPU tensors, tiny sizes: checks the script itself
+    python3 benchmarks/gpu.py --table DIR   # the README's table from the JSON
 
 `.gpu-carry/` (ignored by git) is filled by `python benchmarks/gpu.py --prepare`: MiniLM's config
 and tokenizer and SciFact's corpus, about 8 MB, for the device tool's `carry`.
@@ -45,7 +50,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from negprep import devices  # noqa: E402
-from negprep.models import EncoderSpec, make_encoder, token_arrays  # noqa: E402
+from negprep.models import (  # noqa: E402
+    GPU_BATCH_SIZE,
+    GPU_BATCH_TOKENS,
+    EncoderSpec,
+    make_encoder,
+    piece_bounds,
+    text_tokenizer,
+    tokenize_piece,
+)
 
 CARRY = ROOT / ".gpu-carry"
 SHAPES = {"MiniLM-L6": {}, "BERT-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -90,53 +103,58 @@ def load_texts(corpus: Path, repeat: int, limit: int | None) -> list[str]:
     return [t if i == 0 else f"{i} {t}" for i in range(repeat) for t in texts]
 
 
-_TOK = None
+SHARD_ROWS = 20_000  # read.shard_rows' default: the unit an embedding actor gets
 
 
-def _tokenize(args: tuple[str, int, list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    global _TOK
+def _tokenize(args: tuple[str, int, list[str]]) -> dict:
+    """A tokenising task's work (negprep.embedding_pool.tokenize_rows without the shard file)."""
     model_dir, max_length, texts = args
-    if _TOK is None:
-        from transformers import AutoTokenizer
-
-        _TOK = AutoTokenizer.from_pretrained(model_dir)
-
-    def ids(batch: list[str]) -> list[list[int]]:
-        return _TOK(batch, truncation=True, max_length=max_length, padding=False, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"]
-
-    return token_arrays(ids, texts)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return tokenize_piece(text_tokenizer(model_dir, max_length), texts)
 
 
-def negprep_encode(model_dir: Path, texts: list[str], device: str, dtype: str, workers: int, chunk: int,
+def negprep_encode(model_dir: Path, texts: list[str], device: str, dtype: str, workers: int,
                    max_length: int = 256) -> tuple[np.ndarray, dict]:
-    """Text to vectors with negprep's encoder: `workers` processes tokenise chunks while it embeds."""
-    from negprep.embedding_pool import GPU_BATCH_SIZE, GPU_BATCH_TOKENS
-
+    """Text to vectors as the embed stage does it on a GPU: shards of SHARD_ROWS, each cut into
+    pieces (`piece_bounds`) that `workers` processes tokenise while the encoder embeds the pieces
+    before (`encode_pieces`)."""
     spec = EncoderSpec(str(model_dir), "bench", "mean", max_length, True, "", dtype=dtype, device=device)
     enc = make_encoder(spec)
     enc.encode(texts[:256], GPU_BATCH_SIZE, GPU_BATCH_TOKENS)  # warm up: CUDA context, kernels
     _sync()
+    shards = [(a, min(len(texts), a + SHARD_ROWS)) for a in range(0, len(texts), SHARD_ROWS)]
     out = np.empty((len(texts), enc.dim), dtype=np.float32)
-    t0 = time.perf_counter()
-    gpu_s = 0.0
-    tokens = 0
     with ProcessPoolExecutor(workers) as pool:
-        parts = [(str(model_dir), max_length, texts[i: i + chunk]) for i in range(0, len(texts), chunk)]
-        for i, (flat, starts, lengths) in enumerate(pool.map(_tokenize, parts)):
-            g0 = time.perf_counter()
-            out[i * chunk: i * chunk + len(lengths)] = enc.encode_tokens(flat, starts, lengths, GPU_BATCH_SIZE,
-                                                                         GPU_BATCH_TOKENS)
-            gpu_s += time.perf_counter() - g0
-            tokens += int(lengths.sum())
-    wall = time.perf_counter() - t0
-    return out, {"passages_per_s": round(len(texts) / wall, 1), "wall_s": round(wall, 2),
-                 "embedding_s": round(gpu_s, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall),
-                 "tokenizer_workers": workers, "device": enc.device_name, "dtype": dtype}
+        list(pool.map(_tokenize, [(str(model_dir), max_length, texts[:8])] * workers))  # workers started
+        t0 = time.perf_counter()
+        first = None
+        jobs = [(str(model_dir), max_length, texts[a + p: a + q]) for a, b in shards for p, q in piece_bounds(b - a)]
+        pieces = pool.map(_tokenize, jobs)  # all submitted: the pool runs ahead of the GPU
+        for a, b in shards:
+            def feed(n: int):
+                nonlocal first
+                for _ in range(n):
+                    piece = next(pieces)
+                    first = first or time.perf_counter()
+                    yield piece
+            out[a:b] = enc.encode_pieces(feed(len(piece_bounds(b - a))), b - a, GPU_BATCH_SIZE, GPU_BATCH_TOKENS)
+        _sync()
+        wall = time.perf_counter() - t0
+    tokens = sum(len(p) for p in text_tokenizer(str(model_dir), max_length)(texts[:2000])) * len(texts) / min(
+        2000, len(texts))
+    return out, {"passages": len(texts), "passages_per_s": round(len(texts) / wall, 1), "wall_s": round(wall, 2),
+                 "first_piece_s": round((first or t0) - t0, 3), "tokens_estimate": round(tokens),
+                 "tokens_per_s": round(tokens / wall), "tokenizer_workers": workers, "shards": len(shards),
+                 "device": enc.device_name, "dtype": dtype}
 
 
 def st_encode(model_dir: Path, texts: list[str], device: str, half: bool, batch: int) -> dict:
-    from sentence_transformers import SentenceTransformer
+    """sentence-transformers' `encode` on `texts` (a slice of the corpus: its rate is flat in the count);
+    skipped where it cannot be imported (this version of it needs `datasets`, which some machines lack)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        return {"skipped": f"sentence-transformers does not import here: {e}"}
 
     model = SentenceTransformer(str(model_dir), device=device)
     model.max_seq_length = 256
@@ -179,7 +197,9 @@ def search_bench(device: str, passages: int, queries: int, k: int, check: tuple[
     _sync()
     secs = time.perf_counter() - t0
     res = {"passages": passages, "dim": dim, "queries": queries, "k": k, "seconds": round(secs, 3),
-           "queries_per_s": round(queries / secs)}
+           "queries_per_s": round(queries / secs),
+           "query_batch": next((getattr(index, a) for a in ("query_batch", "rows") if hasattr(index, a)),
+                               index.batch_rows(k) if hasattr(index, "batch_rows") else None)}
     # exactness on a smaller problem, with near-ties: duplicated passages under other ids
     n, m = check
     p = unit(n)
@@ -206,7 +226,10 @@ def search_bench(device: str, passages: int, queries: int, k: int, check: tuple[
 
 
 def cosine_check(model_dir: Path, texts: list[str], device: str) -> dict:
-    cpu = make_encoder(EncoderSpec(str(model_dir), "bench", "mean", 256, True, "", dtype="float32"))
+    # the CPU reference on every core (an encoder sets torch's threads process-wide: the GPU
+    # encoders made after it set one again)
+    cpu = make_encoder(EncoderSpec(str(model_dir), "bench", "mean", 256, True, "", dtype="float32"),
+                       threads=os.cpu_count() or 1)
     ref = cpu.encode(texts, 64, 2048)
     out = {}
     for dtype in ("bfloat16", "float32"):
@@ -216,6 +239,19 @@ def cosine_check(model_dir: Path, texts: list[str], device: str) -> dict:
         out[dtype] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6),
                       "ok": bool(cos.min() >= 0.999)}
     return out
+
+
+def cuda_tests(out: Path) -> dict:
+    """`pytest -m cuda tests/test_cuda.py` (skipped without CUDA); its output in DIR/cuda-tests.txt."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rA",
+                        str(ROOT / "tests" / "test_cuda.py")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (out / "cuda-tests.txt").write_text(r.stdout + r.stderr)
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    return {"returncode": r.returncode, "summary": last, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def whole_job(model_dir: Path, carry: Path, repeat: int, work: Path, smoke: bool) -> dict:
@@ -279,20 +315,34 @@ def whole_job(model_dir: Path, carry: Path, repeat: int, work: Path, smoke: bool
             "negprep_device": manifest["model"]["device"], "negprep_hardware": manifest["model"]["hardware"]}
 
 
+def load_results(path: Path) -> dict:
+    """The results of a run: DIR/gpu.json, or the sections a cut-short run left in DIR."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (path / "gpu.json").exists():
+        return json.loads((path / "gpu.json").read_text())
+    return {f.stem: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))}
+
+
 def table(results: dict) -> str:
     """The README's GPU table, from the JSON this script writes."""
     lines = ["| encoder | negprep (text to vectors, tokenising included) | sentence-transformers fp32, batch 32 | "
              "sentence-transformers fp16, batch 256 | negprep / best ST |", "|---|---|---|---|---|"]
-    for name, r in results["encoders"].items():
-        best = max(r["st_fp32"]["passages_per_s"], r["st_fp16"]["passages_per_s"])
-        lines.append(f"| {name} | {r['negprep']['passages_per_s']:,.0f}/s | {r['st_fp32']['passages_per_s']:,.0f}/s | "
-                     f"{r['st_fp16']['passages_per_s']:,.0f}/s | {r['negprep']['passages_per_s'] / best:.2f}x |")
-    s = results["search"]
+    for name, r in results.get("encoders", {}).items():
+        st = [r[k].get("passages_per_s") for k in ("st_fp32", "st_fp16")]
+        rate = [f"{x:,.0f}/s" if x else "not run" for x in st]
+        ratio = f"{r['negprep']['passages_per_s'] / max(st):.2f}x" if all(st) else "-"
+        lines.append(f"| {name} | {r['negprep']['passages_per_s']:,.0f}/s | {rate[0]} | {rate[1]} | {ratio} |")
+    s = results.get("search")
+    if not s or "cosine" not in results:
+        return "\n".join(lines)
     lines += ["", f"Exact flat search, {s['passages']:,} x {s['dim']} passages, {s['queries']:,} queries, k {s['k']}: "
               f"**{s['queries_per_s']:,} queries/s**; candidates identical to exact CPU search for "
               f"{s['exact_check']['identical_top_k']} of {s['exact_check']['queries']} queries. Cosine to CPU fp32: "
               + ", ".join(f"{d} min {c['min']}" for d, c in results["cosine"].items())
               + f". ({results['machine']['gpu']}, {results['machine']['cpus']} CPUs)"]
+    if "cuda_tests" in results:
+        lines.append(f"Real-CUDA tests: {results['cuda_tests']['summary']}.")
     job = results.get("job", {})
     if "wall_time_ratio" in job:
         lines.append(f"The whole job, {job['passages']:,} passages: negprep {job['negprep_s']} s, "
@@ -304,53 +354,76 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", action="store_true", help="fill .gpu-carry/ for the device tool's carry")
     ap.add_argument("--smoke", action="store_true", help="CPU tensors through the CUDA code path, tiny sizes")
-    ap.add_argument("--table", help="print the README table from this JSON and exit")
+    ap.add_argument("--table", help="print the README table from this folder (or JSON file) and exit")
     ap.add_argument("--model-dir", default=str(CARRY / "minilm"))
     ap.add_argument("--corpus", default=str(CARRY / "corpus.jsonl"))
     ap.add_argument("--repeat", type=int, default=10, help="corpus copies (SciFact x10: 51,830 passages)")
+    ap.add_argument("--st-texts", type=int, default=10_000, help="texts sentence-transformers encodes (a rate)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="tokenising processes")
-    ap.add_argument("--chunk", type=int, default=4096, help="texts per tokenising chunk")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"),
+                    help="folder for the JSON of each section, written as it ends")
+    ap.add_argument("--skip", default="", help="sections to skip: encoders,cosine,search,cuda_tests,job")
     args = ap.parse_args()
     if args.prepare:
         return prepare()
     if args.table:
-        return print(table(json.loads(Path(args.table).read_text())))
+        return print(table(load_results(Path(args.table))))
     import torch
 
     if args.smoke:
         os.environ[devices.CUDA_ON_CPU] = "1"
-        sizes = {"repeat": 1, "limit": 64, "search": (20_000, 200, 20), "check": (2_000, 20)}
-        args.out = args.out.replace(".json", "-smoke.json")
+        sizes = {"repeat": 1, "limit": 48, "search": (20_000, 200, 20), "check": (2_000, 20), "st": 16, "layers": 2}
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke to check the script on CPU tensors")
     else:
-        sizes = {"repeat": args.repeat, "limit": None, "search": (1_000_000, 10_000, 100), "check": (100_000, 100)}
+        sizes = {"repeat": args.repeat, "limit": None, "search": (1_000_000, 10_000, 100), "check": (100_000, 100),
+                 "st": args.st_texts}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict = {}
+    started = time.perf_counter()
+
+    def done(section: str, value) -> None:
+        results[section] = value
+        (out / f"{section}.json").write_text(json.dumps(value, indent=2))
+        print(f"[{time.perf_counter() - started:.0f} s] {section}: {json.dumps(value)[:600]}", flush=True)
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU tensors)"
+    done("machine", {"gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+                     "python": platform.python_version(), "smoke": args.smoke})
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "negprep-gpu-bench"
     texts = load_texts(Path(args.corpus), sizes["repeat"], sizes["limit"])
     st_device = "cpu" if args.smoke else "cuda"
-    results: dict = {"texts": len(texts), "encoders": {}}
-    for name, shape in SHAPES.items():
-        model = random_model(Path(args.model_dir), shape, tmp / name)
-        _, mine = negprep_encode(model, texts, "cuda", "bfloat16", args.workers, args.chunk)
-        r = {"negprep": mine, "st_fp32": st_encode(model, texts, st_device, False, 32),
-             "st_fp16": st_encode(model, texts, st_device, not args.smoke, 256)}
-        results["encoders"][name] = r
-        print(f"{name}: negprep {mine['passages_per_s']:,.0f}/s ({mine['embedding_s']} s of {mine['wall_s']} s "
-              f"embedding), ST fp32 {r['st_fp32']['passages_per_s']:,.0f}/s, ST fp16 b256 "
-              f"{r['st_fp16']['passages_per_s']:,.0f}/s", flush=True)
-    results["cosine"] = cosine_check(tmp / "MiniLM-L6", texts[:2000], "cuda")
-    print("cosine to CPU fp32:", results["cosine"], flush=True)
-    n, m, k = sizes["search"]
-    results["search"] = search_bench("cuda", n, m, k, sizes["check"])
-    print("search:", results["search"], flush=True)
-    results["job"] = whole_job(tmp / "MiniLM-L6", Path(args.corpus).parent, sizes["repeat"], tmp / "job", args.smoke)
-    print("whole job:", results["job"], flush=True)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU tensors)"
-    results["machine"] = {"gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "python": platform.python_version(), "smoke": args.smoke}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    # the smoke run checks the script, not the figures: two layers each
+    models = {name: random_model(Path(args.model_dir), {**shape, **({"num_hidden_layers": sizes["layers"]} if
+                                                                     "layers" in sizes else {})}, tmp / name)
+              for name, shape in SHAPES.items()}
+    if "encoders" not in skip:
+        encoders: dict = {}
+        for name, model in models.items():
+            _, mine = negprep_encode(model, texts, "cuda", "bfloat16", args.workers)
+            sample = texts[: sizes["st"]]
+            r = {"negprep": mine, "st_fp32": st_encode(model, sample, st_device, False, 32),
+                 "st_fp16": st_encode(model, sample, st_device, not args.smoke, 256)}
+            encoders[name] = r
+            (out / "encoders.json").write_text(json.dumps(encoders, indent=2))
+            print(f"{name}: negprep {mine['passages_per_s']:,.0f}/s (first piece after {mine['first_piece_s']} s), "
+                  f"ST fp32 {r['st_fp32'].get('passages_per_s')}/s, "
+                  f"ST fp16 b256 {r['st_fp16'].get('passages_per_s')}/s", flush=True)
+        done("encoders", encoders)
+    if "cosine" not in skip:
+        done("cosine", cosine_check(models["MiniLM-L6"], texts[:500], "cuda"))
+    if "search" not in skip:
+        n, m, k = sizes["search"]
+        done("search", search_bench("cuda", n, m, k, sizes["check"]))
+    if "cuda_tests" not in skip:
+        done("cuda_tests", cuda_tests(out))
+    if "job" not in skip:
+        done("job", whole_job(models["MiniLM-L6"], Path(args.corpus).parent, sizes["repeat"], tmp / "job",
+                              args.smoke))
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "gpu.json").write_text(json.dumps(results, indent=2))
     print(table(results))
     return None
 

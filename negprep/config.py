@@ -112,6 +112,9 @@ class EmbedConfig(_Strict):
             raise ValueError("runtime onnxruntime runs float32 or int8, not bfloat16 (use runtime: torch)")
         if self.runtime == "onnxruntime" and self.compile:
             raise ValueError("compile applies to runtime torch (torch.compile), not onnxruntime")
+        if self.dtype == "int8" and self.device == "cuda":
+            raise ValueError("dtype int8 runs on the CPU (its integer GEMM has no CUDA kernel for every batch shape); "
+                             "device cuda takes auto, bfloat16 or float32")
         return self
 
 
@@ -140,11 +143,11 @@ class GuideConfig(EmbedConfig):
 
     @model_validator(mode="after")
     def _crossencoder_settings(self) -> GuideConfig:
-        # the cross-encoder runs in fp32 and eager: refuse settings it would ignore
+        # the cross-encoder runs eager, in float32 (auto: bfloat16 on CUDA): refuse settings it would ignore
         if self.type == "crossencoder" and self.compile:
             raise ValueError("compile applies to a bi-encoder guide, not a crossencoder")
-        if self.type == "crossencoder" and self.dtype not in ("auto", "float32"):
-            raise ValueError(f"dtype {self.dtype} applies to a bi-encoder guide; a crossencoder runs in float32")
+        if self.type == "crossencoder" and self.dtype == "int8":
+            raise ValueError("dtype int8 applies to a bi-encoder guide; a crossencoder runs in float32 or bfloat16")
         if self.type == "crossencoder" and self.runtime != "torch":
             raise ValueError(f"runtime {self.runtime} applies to a bi-encoder guide; a crossencoder runs in torch")
         return self

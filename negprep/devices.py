@@ -42,15 +42,22 @@ def job_devices(job, gpus: float) -> dict[str, str]:
     if job.guide is not None:
         g = job.guide
         out["guide"] = one(g, "guide.device", g.type == "biencoder" and g.runtime == "onnxruntime")
+    for key, cfg in (("embed", job.embed), ("guide", job.guide)):
+        if out.get(key) == "cuda":
+            resolve_dtype(cfg.dtype, "cuda", cfg.runtime, f"{key}.dtype")
     return out
 
 
-def resolve_dtype(dtype: str, device: str, runtime: str = "torch") -> str:
+def resolve_dtype(dtype: str, device: str, runtime: str = "torch", key: str = "embed.dtype") -> str:
     """`auto` precision: the fastest one within tolerance (cosine to float32 >= 0.999, recall@10
     within half a point) on this device: bfloat16 on CUDA, and on a CPU that multiplies bfloat16
     natively (AVX-512 BF16 or AMX: benchmarks/embed_throughput.py, cosine >= 0.9999, 1.7x the
     float32 rate); float32 elsewhere and on onnxruntime. int8 is faster still but outside the
-    tolerance (cosine down to 0.995), so only a job that names it gets it."""
+    tolerance (cosine down to 0.995), so only a job that names it gets it, and only on the CPU
+    (ConfigError on CUDA, `key` naming the setting: its integer GEMM is a CPU kernel)."""
+    if dtype == "int8" and device == "cuda":
+        raise ConfigError(f"{key}: int8 runs on the CPU, but the device resolved to cuda (set the device to cpu, "
+                          "or the dtype to auto, bfloat16 or float32)")
     if dtype != "auto":
         return dtype
     if runtime != "torch":

@@ -8,14 +8,17 @@ texts, finds the file and skips the shard.
 
 Passages and queries go through one pool (one model load, one set of processes): they differ only
 in their prompt. On the CPU an actor tokenises its shard itself. On CUDA the actors ask Ray for
-GPUs (`embed.gpus_per_actor`), so they land on GPU nodes, and CPU tasks tokenise the shards and
-stream the token ids to them a few shards ahead (`Executor.stream`): tokenising is the slower half
-for a small model, and it runs on every CPU at once.
+GPUs (`embed.gpus_per_actor`) and no CPU, so they land on GPU nodes, and CPU tasks tokenise each
+shard in pieces of a few hundred to a thousand rows (`models.piece_bounds`, `Executor.stream`):
+tokenising is the slower half for a small model, so two pieces per CPU of the cluster are in
+flight, and an actor embeds a shard's first piece while the rest are still being tokenised
+(`Encoder.encode_pieces`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -25,8 +28,17 @@ from negprep.config import EmbedConfig
 from negprep.devices import cuda_on_cpu
 from negprep.embeddings import embedding_table
 from negprep.errors import NegprepError
-from negprep.execution import Executor, Resources, assigned_gpus, node_id
-from negprep.models import Encoder, EncoderSpec, make_encoder, token_arrays
+from negprep.execution import Executor, Resources, assigned_gpus, each, node_id
+from negprep.models import (
+    GPU_BATCH_SIZE,
+    GPU_BATCH_TOKENS,
+    Encoder,
+    EncoderSpec,
+    make_encoder,
+    piece_bounds,
+    text_tokenizer,
+    tokenize_piece,
+)
 from negprep.paths import File, Folder
 from negprep.results import Encoded
 from negprep.shards import Shard
@@ -43,9 +55,6 @@ class EmbedPart:
     shards: tuple[Shard, ...]
     encoded: Encoded
 
-
-GPU_BATCH_TOKENS = 65_536  # padded tokens per forward pass on a GPU, unless the job sets batch_tokens
-GPU_BATCH_SIZE = 4_096  # texts per forward pass on a GPU, unless the job sets batch_size
 
 
 def batching(cfg: EmbedConfig, device: str) -> tuple[int, int | None]:
@@ -71,40 +80,26 @@ class ShardEmbedder:
         rows = embed_shard(self.encoder, src, dst, self.batch_size, self.batch_tokens, prompt)
         return self._done(rows, t0)
 
-    def embed_tokens(self, tokens: dict, dst: File) -> dict:
-        """Embed a shard tokenised by `tokenize_shard` into `dst`."""
+    def embed_pieces(self, src: File, dst: File, rows: int, pieces: list) -> dict:
+        """Embed shard `src` (`rows` rows) into `dst` from the futures of its tokenised pieces
+        (`tokenize_rows`, in row order), each taken as soon as it is ready."""
         t0 = time.perf_counter()
-        vecs = self.encoder.encode_tokens(tokens["flat"], tokens["starts"], tokens["lengths"], self.batch_size,
-                                          self.batch_tokens)[tokens["inverse"]]
-        dst.write_parquet(embedding_table(tokens["ids"], vecs))
-        return self._done(len(tokens["inverse"]), t0)
+        vecs = self.encoder.encode_pieces(each(pieces), rows, self.batch_size, self.batch_tokens)
+        dst.write_parquet(embedding_table(src.read_parquet(columns=["id"]).column("id"), vecs))
+        return self._done(rows, t0)
 
     def _done(self, rows: int, t0: float) -> dict:
         return {"rows": rows, "seconds": time.perf_counter() - t0, "device": self.encoder.device_name,
                 "node": node_id()}
 
 
-_TOKENIZERS: dict = {}  # per worker process: model -> tokenizer, loaded once
-
-
-def tokenize_shard(spec: EncoderSpec, src: File, prompt: str) -> dict:
-    """Token ids of a text shard's distinct texts, as the encoder's own `tokenize` makes them (a
-    CPU task feeding GPU actors)."""
-    from transformers import AutoTokenizer
-
-    key = (spec.model_dir, spec.trust_remote_code)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(spec.model_dir, trust_remote_code=spec.trust_remote_code)
-    tok = _TOKENIZERS[key]
-    table = src.read_parquet(columns=["id", "text"])
-    uniq, inverse = np.unique(np.array(table.column("text").to_pylist(), dtype=object), return_inverse=True)
-
-    def ids(texts: list[str]) -> list[list[int]]:
-        return tok(texts, truncation=True, max_length=spec.max_length, padding=False, return_attention_mask=False,
-                   return_token_type_ids=False)["input_ids"]
-
-    flat, starts, lengths = token_arrays(ids, [prompt + t for t in uniq])
-    return {"ids": table.column("id"), "inverse": inverse, "flat": flat, "starts": starts, "lengths": lengths}
+def tokenize_rows(spec: EncoderSpec, src: File, start: int, stop: int, prompt: str) -> dict:
+    """Rows [start, stop) of text shard `src`, tokenised for `Encoder.encode_pieces` (a CPU task
+    feeding GPU actors; the tokenizer loads from tokenizer.json in milliseconds, once per worker)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the task holds one CPU: the tokenizer's threads would crowd it
+    texts = src.read_parquet(columns=["text"]).column("text").slice(start, stop - start).to_pylist()
+    return tokenize_piece(text_tokenizer(spec.model_dir, spec.max_length, spec.trust_remote_code),
+                          [prompt + t for t in texts])
 
 
 def embed_shard(encoder: Encoder, src: File, dst: File, batch_size: int, batch_tokens: int | None = None,
@@ -130,8 +125,10 @@ def actor_layout(cpus: int, shard_work: list[int], actors: int | None, threads: 
 
 
 def embedder(threads: int, gpus: float = 0.0) -> Resources:
-    """What one embedding actor asks for: a CPU per torch thread; on CUDA one CPU and its GPUs."""
-    return Resources(cpus=1, gpus=gpus) if gpus else Resources(cpus=threads)
+    """What one embedding actor asks for: a CPU per torch thread; on CUDA its GPUs and no CPU: its
+    host work (padding batches, queueing copies) is small next to the tokenising tasks', which get
+    every CPU of the node."""
+    return Resources(cpus=0, gpus=gpus) if gpus else Resources(cpus=threads)
 
 
 def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, force: bool = False,
@@ -167,16 +164,20 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
         actors = max(1, min(cfg.actors or len(todo), len(todo), int(gpus / cfg.gpus_per_actor)))
         threads = 1
 
-        def prepare(item: tuple[EmbedPart, Shard]) -> dict:
+        def pieces(item: tuple[EmbedPart, Shard]) -> list[tuple]:
             part, shard = item
-            return tokenize_shard(part.encoded.spec, part.texts.file(shard.name), part.encoded.spec.prompt)
+            src = part.texts.file(shard.name)
+            return [(part.encoded.spec, src, a, b, part.encoded.spec.prompt) for a, b in piece_bounds(shard.rows)]
 
-        def feed(actor, item: tuple[EmbedPart, Shard], tokens):
+        def feed(actor, item: tuple[EmbedPart, Shard], futures: list):
             part, shard = item
-            return actor.embed_tokens.remote(tokens, part.encoded.file(shard))
+            return actor.embed_pieces.remote(part.texts.file(shard.name), part.encoded.file(shard), shard.rows,
+                                             futures)
 
-        results = ex.stream(prepare, Resources(cpus=1), ShardEmbedder, (spec, threads, batch_size, batch_tokens),
-                            actors, embedder(threads, cfg.gpus_per_actor), feed, todo, ahead=2 * actors, desc="embed")
+        # tokenising is sized by the cluster's CPUs: two pieces per CPU in flight keeps them all busy
+        results = ex.stream(tokenize_rows, Resources(cpus=1), ShardEmbedder, (spec, threads, batch_size, batch_tokens),
+                            actors, embedder(threads, cfg.gpus_per_actor), pieces, feed, todo, ahead=2 * cpus,
+                            desc="embed")
     else:
         actors, threads = actor_layout(cpus, [s.work for _, s in todo], cfg.actors, cfg.threads_per_actor)
 

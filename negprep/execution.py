@@ -135,6 +135,18 @@ def gpu_nodes() -> list[tuple[float, float]]:
     return out
 
 
+def gpu_node_cpus() -> list[tuple[float, float, float]]:
+    """(CPUs, GPUs, memory bytes for tasks) of each live node with GPUs (logical ones too)."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("GPU", 0) > 0:
+            out.append((float(res.get("CPU", 0)), float(res["GPU"]), float(res.get("memory", 0))))
+    return out
+
+
 def cluster_cpus() -> int:
     """CPUs of the whole cluster."""
     return max(1, int(sum(c for c, _ in nodes())))
@@ -242,34 +254,53 @@ class Executor:
                 results.append(out)
         return results
 
-    def stream(self, first: Callable, first_res: Resources, cls: type, args: tuple, count: int, res: Resources,
-               call: Callable[[Any, Any, Any], Any], items: Sequence, ahead: int, desc: str = "") -> list:
-        """Results of `call(actor, item, future)` for every item, in order, on `count` actors of
-        `cls(*args)`, where `future` is `first(item)` run as a task of its own (`first_res`): CPU
-        work (tokenising) streams into the actors (a GPU), at most `ahead` items prepared beyond
-        those the actors hold, so the actors never wait for all of it and memory stays bounded."""
+    def stream(self, prepare: Callable, prepare_res: Resources, cls: type, args: tuple, count: int,  # noqa: PLR0913
+               res: Resources, pieces: Callable[[Any], list[tuple]], call: Callable[[Any, Any, list], Any],
+               items: Sequence, ahead: int, desc: str = "") -> list:
+        """Results of `call(actor, item, futures)` for every item, in order, on `count` actors of
+        `cls(*args)`, where `futures` are those of `prepare(*p)` for each `p` in `pieces(item)`, each
+        run as a task of its own (`prepare_res`): CPU work (tokenising) streams into the actors (a
+        GPU), which take an item's futures in order as they are ready (`each`), so an actor starts
+        on an item's first piece while the rest are being prepared.
+
+        Pieces are prepared for items beyond those the actors hold while fewer than `ahead` such
+        pieces are waiting (and always for the next item per free actor slot), so memory stays
+        bounded; each actor holds two items, the second queued behind the first, so it never waits
+        for the driver between items."""
         import ray
 
-        prepare = ray.remote(**first_res.options(self.retries, actor=False))(first)
+        task = ray.remote(**prepare_res.options(self.retries, actor=False))(prepare)
         results: list = [None] * len(items)
         queue: deque = deque(range(len(items)))
-        staged: deque = deque()
+        staged: deque = deque()  # (item, its pieces' futures), not yet given to an actor
         with self.actors(cls, [args] * count, res) as pool, _progress(len(items), desc) as bar, _unwrapped():
-            idle, busy = list(pool), {}
+            held = [0] * len(pool)
+            busy: dict = {}
             while queue or staged or busy:
-                while queue and len(staged) < ahead:
+                free = sum(2 - h for h in held)
+                while queue and (len(staged) < free or sum(len(f) for _, f in staged) < ahead):
                     i = queue.popleft()
-                    staged.append((i, prepare.remote(items[i])))
-                while idle and staged:
-                    i, fut = staged.popleft()
-                    actor = idle.pop()
-                    busy[call(actor, items[i], fut)] = (i, actor)
+                    staged.append((i, [task.remote(*p) for p in pieces(items[i])]))
+                while staged:
+                    a = min(range(len(pool)), key=held.__getitem__)  # the least loaded actor
+                    if held[a] == 2:
+                        break
+                    i, futures = staged.popleft()
+                    held[a] += 1
+                    busy[call(pool[a], items[i], futures)] = (i, a)
                 done, _ = ray.wait(list(busy), num_returns=1)
-                i, actor = busy.pop(done[0])
+                i, a = busy.pop(done[0])
                 results[i] = ray.get(done[0])
-                idle.append(actor)
+                held[a] -= 1
                 bar.update(1)
         return results
+
+
+def each(futures: Sequence) -> Iterator:
+    """The values of `futures`, in order, each as soon as it is ready: inside an actor, work starts
+    on the first while the later ones are still being computed."""
+    for f in futures:
+        yield get(f)
 
 
 @contextmanager

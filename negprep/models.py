@@ -18,20 +18,29 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from negprep.devices import resolve_dtype, torch_device
 from negprep.errors import ConfigError
-from negprep.export import export_key
-from negprep.paths import Folder
+
+if TYPE_CHECKING:  # the GPU machine has no fsspec-backed Folder to import: only the type is named here
+    from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("NEGPREP_CACHE", Path.home() / ".cache" / "negprep"))
 PAD_STEP = 8  # token widths are rounded up to a multiple of this (see Encoder.encode)
+GPU_BATCH_TOKENS = 65_536  # padded tokens per forward pass on a GPU, unless the job sets batch_tokens
+GPU_BATCH_SIZE = 4_096  # texts per forward pass on a GPU, unless the job sets batch_size
+# the GPU path's batching (texts grouped by width in the order they arrive, see Encoder.encode_pieces):
+# part of a cuda encoder's cache key, so vectors batched another way are never mixed with these
+GPU_BATCHING = 2
+PIECE_ROWS = 1024  # rows per tokenising task on CUDA (after a first 256 and 512: the GPU starts within a second)
 
 
 def resolve_model(name: str) -> str:
@@ -155,12 +164,14 @@ class EncoderSpec:
     export: Folder | None = field(default=None, compare=False)
 
     def key(self) -> str:
+        from negprep.export import export_key  # only for onnxruntime; keeps fsspec out of the GPU imports
+
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
         # so is the export's graph (export_key: its opset and version too): another graph, other bits
         s = json.dumps([self.fingerprint, self.pooling, self.max_length, self.normalize, self.prompt, PAD_STEP,
                         self.dtype, *(["compiled"] if self.compile else []),
                         *([self.runtime, export_key(self)] if self.runtime != "torch" else []),
-                        *([self.device] if self.device != "cpu" else [])])
+                        *([self.device, GPU_BATCHING] if self.device != "cpu" else [])])
         return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
@@ -176,6 +187,8 @@ def encoder_specs(model_dir: str, cfg, work: Folder | None = None,
     rest = (cfg.trust_remote_code, dtype, getattr(cfg, "compile", False), getattr(cfg, "runtime", "torch"), device)
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
     if specs[0].runtime == "onnxruntime" and work is not None:
+        from negprep.export import export_key
+
         specs = tuple(replace(s, export=work.sub("models", export_key(s))) for s in specs)
     return specs
 
@@ -195,10 +208,12 @@ class Encoder:
     weights but for int8): one compile serves every batch shape, and an embedding still depends only
     on its text (tests/test_embed.py).
 
-    On CUDA (`spec.device`, the GPU Ray assigned the actor) the model runs in `spec.dtype` with SDPA
-    attention; batches are built as whole numpy arrays, copied from pinned memory without waiting,
-    and the vectors stay on the GPU until the end, so the host builds the next batch while the GPU
-    computes. Under the test switch (negprep.devices) the same path runs on CPU tensors.
+    On CUDA (`spec.device`, the GPU Ray assigned the actor) the model runs in `spec.dtype` (int8 is
+    refused: its integer GEMM is a CPU kernel) with SDPA attention where the model supports it.
+    Token ids arrive in pieces (`encode_pieces`, tokenised by CPU tasks) and batches run as soon as
+    they fill, so the GPU starts on a shard's first piece; a batch is copied from a pinned buffer
+    without waiting, nothing waits for the GPU per batch, and the vectors stay on the GPU until the
+    shard ends. Under the test switch (negprep.devices) the same path runs on CPU tensors.
     """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
@@ -209,13 +224,15 @@ class Encoder:
         self.spec = spec
         self.torch = torch
         self.gpu = spec.device == "cuda"
+        if self.gpu and spec.dtype == "int8":
+            raise ConfigError("embed.dtype: int8 runs on the CPU (its integer GEMM has no CUDA kernel for every "
+                              "batch shape); on cuda use bfloat16, float32 or auto")
         self.device = torch_device(spec.device)
         kw = {"trust_remote_code": spec.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir, **kw)
+        self._ids = text_tokenizer(spec.model_dir, spec.max_length, spec.trust_remote_code)
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-        if self.gpu:
-            kw["attn_implementation"] = "sdpa"
-        self.model = AutoModel.from_pretrained(spec.model_dir, dtype=dtype, **kw).eval().to(self.device)
+        self.model = load_model(AutoModel, spec.model_dir, dtype, kw, sdpa=self.gpu).eval().to(self.device)
         if spec.dtype == "int8":
             from negprep.quantize import quantize_linears
 
@@ -233,6 +250,7 @@ class Encoder:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.dim = self.model.config.hidden_size
         self.fixed_rows = spec.dtype == "bfloat16" and not self.gpu
+        self._staging = _Staging(torch, self.device) if self.gpu else None
 
     @property
     def device_name(self) -> str:
@@ -255,47 +273,44 @@ class Encoder:
 
     def encode_tokens(self, ids_flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int = 32,
                       batch_tokens: int | None = None) -> np.ndarray:
-        """`encode` from `tokenize`'s output (token ids made elsewhere, e.g. by CPU workers for a GPU)."""
-        n = len(lengths)
-        # Each text is padded to a width that depends only on its own length (a multiple of
-        # PAD_STEP) and batched only with texts of that width: the padded width changes the float
-        # results, the batch size does not, so a text's embedding is bit-identical whatever shard
-        # or batch it lands in (deterministic output whatever the sharding). In bfloat16 on a CPU,
-        # where the GEMM kernel (and so the last bits) changes with the row count, every batch of
-        # a width also has the same number of rows (the last one padded with empty rows: at most
-        # a batch per width and shard). On a GPU, where that padding would cost up to a 64k-token
-        # batch per width, batches depend on the shard's texts alone: the same whatever the
-        # number of actors, GPUs or nodes, though not whatever `read.shard_rows`.
-        widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.spec.max_length))
-        order = np.argsort(widths, kind="stable")
-        sorted_widths = widths[order]
-        torch = self.torch if self.gpu else None  # an onnxruntime encoder has no torch
-        out = torch.empty((n, self.dim), dtype=torch.float32, device=self.device) if self.gpu else \
-            np.empty((n, self.dim), dtype=np.float32)
+        """`encode` from `tokenize`'s output (token ids made elsewhere)."""
+        batches = _Batches(self, batch_size, batch_tokens, len(lengths))
         with self._running():
-            start = batches = 0
-            while start < len(order):
-                width = int(sorted_widths[start])
-                rows = batch_size
-                if batch_tokens:
-                    cells = batch_tokens // width if self.gpu else min(batch_tokens // width,
-                                                                        ATTENTION_CELLS // (width * width))
-                    rows = min(rows, max(1, cells))
-                stop = min(start + rows, int(np.searchsorted(sorted_widths, width, side="right")))
-                idx = order[start:stop]
-                start = stop
-                ids, mask = _padded(ids_flat, starts, lengths, idx, width, self.pad_id,
-                                    rows if self.fixed_rows else len(idx))
-                vec = self._embed(ids, mask)[: len(idx)]
-                if self.gpu:
-                    out[torch.from_numpy(idx).to(self.device)] = vec
-                else:
-                    out[idx] = vec
-                batches += 1
-                if batches % TRIM_EVERY == 0 and not self.gpu:
-                    release_free_memory()
-        release_free_memory()
-        return out.cpu().numpy() if self.gpu else out
+            batches.add(ids_flat, starts, lengths)
+            return batches.finish()
+
+    def encode_pieces(self, pieces: Iterable[dict], rows: int, batch_size: int = 32,
+                      batch_tokens: int | None = None) -> np.ndarray:
+        """Embeddings (rows x dim) of a shard whose rows arrive as consecutive pieces tokenised by
+        `tokenize_piece` (an iterator: each piece is embedded while the next is still being made).
+
+        A text is embedded once, at its first row (pieces name texts by digest); batches fill with
+        texts of one padded width in the order they arrive, so they, and the vectors, depend on the
+        shard's rows alone, not on where it was cut into pieces or on how many CPUs tokenised them.
+        """
+        seen: dict[bytes, int] = {}
+        text_of_row = np.empty(rows, dtype=np.int64)
+        done = 0
+        batches = _Batches(self, batch_size, batch_tokens, rows)
+        with self._running():
+            for piece in pieces:
+                local = np.empty(len(piece["digests"]), dtype=np.int64)
+                new = []
+                for j, d in enumerate(piece["digests"]):
+                    t = seen.get(d)
+                    if t is None:
+                        t = seen[d] = len(seen)
+                        new.append(j)
+                    local[j] = t
+                n = len(piece["inverse"])
+                text_of_row[done: done + n] = local[piece["inverse"]]
+                done += n
+                if new:
+                    batches.add(piece["flat"], piece["starts"][new], piece["lengths"][new])
+            vecs = batches.finish()
+        if done != rows:
+            raise ValueError(f"pieces held {done} rows, the shard {rows}")
+        return vecs[text_of_row]
 
     def _running(self):
         """The context the model runs in: no autograd; the inductor settings when compiled."""
@@ -306,28 +321,230 @@ class Encoder:
         stack.enter_context(compiling)
         return stack
 
-    def _embed(self, ids: np.ndarray, mask: np.ndarray):
-        """fp32 embeddings of one batch of padded token ids (numpy; a device tensor on CUDA)."""
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """fp32 embeddings of one CPU batch of padded token ids and its attention mask (numpy)."""
         torch = self.torch
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        if self.gpu:
-            if self.device.type == "cuda":
-                ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-            ids_t = ids_t.to(self.device, non_blocking=True)
-            mask_t = mask_t.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-        vec = pool(hidden.float(), mask_t, self.spec.pooling)
+        return self._model_step(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    def _embed_on_device(self, tokens: list[np.ndarray], width: int):
+        """fp32 embeddings (a device tensor) of one GPU-path batch: the texts' token ids padded to
+        `width` in a pinned buffer, copied without waiting; no attention mask when none is padded."""
+        torch = self.torch
+        n = len(tokens)
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
+        host = self._staging.take(n * width + n)
+        flat = host.numpy()
+        ids = flat[: n * width].reshape(n, width)
+        ids.fill(self.pad_id)
+        for r, t in enumerate(tokens):
+            ids[r, : len(t)] = t
+        flat[n * width:] = lengths
+        dev = self._staging.send(host)
+        ids_t = dev[: n * width].view(n, width).long()
+        mask_t = None
+        if lengths.min() < width:  # decided on the host: no wait for the GPU
+            mask_t = (torch.arange(width, device=dev.device)[None, :] < dev[n * width:, None]).long()
+        return self._model_step(ids_t, mask_t)
+
+    def _model_step(self, ids, mask):
+        """The model on one batch (torch tensors on the encoder's device; `mask` None: no padding):
+        pooled, normalised fp32 vectors."""
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        vec = pool(hidden, mask, self.spec.pooling)
         if self.spec.normalize:
-            vec = torch.nn.functional.normalize(vec, dim=-1)
-        return vec if self.gpu else vec.numpy()
+            vec = self.torch.nn.functional.normalize(vec, dim=-1)
+        return vec
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, padding=False,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return self._ids(texts)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids of all texts end to end as int32, each text's start in them, each text's length)."""
         return token_arrays(self._token_ids, texts)
+
+
+def load_model(auto_class, model_dir: str, dtype, kw: dict, sdpa: bool):
+    """`auto_class.from_pretrained` in `dtype`; with `sdpa`, SDPA attention where the architecture
+    supports it (transformers refuses it with a ValueError where not: then its default attention)."""
+    if sdpa:
+        try:
+            return auto_class.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **kw)
+        except ValueError as e:
+            if "scaled_dot_product_attention" not in str(e):
+                raise
+            log.info("%s: no SDPA attention for this architecture, using its default", model_dir)
+    return auto_class.from_pretrained(model_dir, dtype=dtype, **kw)
+
+
+class _Batches:
+    """An encoder's batches, filled as texts arrive: texts of one padded width (a multiple of
+    PAD_STEP that depends on the text's own length) queue together, and a batch runs as soon as its
+    width's queue holds a batch's rows; `finish` runs what is left, a batch per width.
+
+    Each text is padded to a width that depends only on its own length and batched only with texts
+    of that width: the padded width changes the float results, the batch size does not, so on the
+    CPU a text's embedding is bit-identical whatever shard or batch it lands in. In bfloat16 on a
+    CPU, where the GEMM kernel (and so the last bits) changes with the row count, every batch of a
+    width also has the same number of rows (the last one padded with empty rows). On a GPU, where
+    that padding would cost up to a 64k-token batch per width, the batches are the texts of a width
+    in arrival order, cut every `rows(width)`: they depend on the shard's texts alone, the same
+    whatever the number of actors, GPUs, nodes or tokenising pieces, though not `read.shard_rows`.
+    """
+
+    def __init__(self, enc: Encoder, batch_size: int, batch_tokens: int | None, capacity: int):
+        self.enc, self.batch_size, self.batch_tokens = enc, batch_size, batch_tokens
+        self.queues: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self.slot = np.empty(capacity, dtype=np.int64)  # text (in arrival order) -> row of `out`
+        self.added = self.filled = self.batches = 0
+        torch = enc.torch if enc.gpu else None  # an onnxruntime encoder has no torch
+        self.out = torch.empty((capacity, enc.dim), dtype=torch.float32, device=enc.device) if enc.gpu else \
+            np.empty((capacity, enc.dim), dtype=np.float32)
+
+    def rows(self, width: int) -> int:
+        """Texts per batch of `width`: `batch_size`, within `batch_tokens` padded tokens; on the CPU
+        also within ATTENTION_CELLS attention scores per head."""
+        if not self.batch_tokens:
+            return self.batch_size
+        cells = self.batch_tokens // width
+        if not self.enc.gpu:
+            cells = min(cells, ATTENTION_CELLS // (width * width))
+        return min(self.batch_size, max(1, cells))
+
+    def add(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Queue texts (token ids end to end, each text's start and length), running full batches."""
+        widths = np.minimum(-(-lengths // PAD_STEP) * PAD_STEP, np.maximum(lengths, self.enc.spec.max_length))
+        for i, (s, n, w) in enumerate(zip(starts.tolist(), lengths.tolist(), widths.tolist(), strict=True)):
+            queue = self.queues.setdefault(w, [])
+            queue.append((self.added + i, flat[s: s + n]))
+            if len(queue) == self.rows(w):
+                self._run(w, queue)
+                self.queues[w] = []
+        self.added += len(lengths)
+
+    def finish(self) -> np.ndarray:
+        """Run the partial batches; the vectors of every text added, in the order they were added
+        (copied from the GPU once)."""
+        for w in sorted(self.queues):
+            if self.queues[w]:
+                self._run(w, self.queues[w])
+        self.queues = {}
+        out = self.out[: self.filled].cpu().numpy() if self.enc.gpu else self.out
+        release_free_memory()
+        return out[self.slot[: self.added]]
+
+    def _run(self, width: int, queue: list[tuple[int, np.ndarray]]) -> None:
+        enc, n = self.enc, len(queue)
+        if enc.gpu:
+            vec = enc._embed_on_device([t for _, t in queue], width)
+        else:
+            rows = self.rows(width) if enc.fixed_rows else n
+            ids = np.full((rows, width), enc.pad_id, dtype=np.int64)
+            mask = np.zeros((rows, width), dtype=np.int64)
+            for r, (_, t) in enumerate(queue):
+                ids[r, : len(t)] = t
+                mask[r, : len(t)] = 1
+            mask[n:, 0] = 1  # an empty row attends to one pad token: a fully masked row could give NaN
+            vec = enc._embed(ids, mask)
+            self.batches += 1
+            if self.batches % TRIM_EVERY == 0:
+                release_free_memory()
+        self.out[self.filled: self.filled + n] = vec[:n]
+        self.slot[[i for i, _ in queue]] = np.arange(self.filled, self.filled + n)
+        self.filled += n
+
+
+class _Staging:
+    """Host buffers for the GPU path's token ids, reused in a ring of SLOTS. On CUDA they are
+    pinned, so a copy to the GPU does not wait, and a buffer is reused only once the copy out of it
+    has finished (an event recorded after it): the host runs at most SLOTS batches ahead of the GPU,
+    and never waits for it otherwise."""
+
+    SLOTS = 4
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+        self.pinned = device.type == "cuda"
+        self.buffers: list = [None] * self.SLOTS
+        self.events: list = [None] * self.SLOTS
+        self.i = 0
+
+    def take(self, n: int):
+        """The next buffer as an int32 tensor of `n` elements, once its last copy has finished."""
+        i = self.i
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        if self.buffers[i] is None or self.buffers[i].numel() < n:
+            self.buffers[i] = self.torch.empty(max(n, 1 << 16), dtype=self.torch.int32, pin_memory=self.pinned)
+        return self.buffers[i][:n]
+
+    def send(self, host):
+        """`host` (the buffer `take` gave) on the device, copied without waiting."""
+        dev = host.to(self.device, non_blocking=True)
+        if self.pinned:
+            event = self.torch.cuda.Event()
+            event.record()
+            self.events[self.i] = event
+        self.i = (self.i + 1) % self.SLOTS
+        return dev
+
+
+_TEXT_TOKENIZERS: dict = {}  # per process: (model, max_length, remote code) -> token_ids function
+
+
+def text_tokenizer(model_dir: str, max_length: int, trust_remote_code: bool = False) -> Callable[[list[str]], list]:
+    """`token_ids(texts)` -> each text's token ids, truncated to `max_length`, as the model's fast
+    tokenizer makes them; loaded once per process.
+
+    From the model's `tokenizer.json` through the `tokenizers` library alone where it has one: it
+    loads in milliseconds where importing transformers takes seconds, which is what lets a fresh CPU
+    task start tokenising for a GPU at once (the same ids: tests/test_real_models.py). Otherwise,
+    and for remote code, transformers' AutoTokenizer."""
+    key = (model_dir, max_length, trust_remote_code)
+    if key in _TEXT_TOKENIZERS:
+        return _TEXT_TOKENIZERS[key]
+    path = Path(model_dir) / "tokenizer.json"
+    if path.is_file() and not trust_remote_code:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+
+        def token_ids(texts: list[str]) -> list:
+            return [e.ids for e in tok.encode_batch(texts)]
+    else:
+        from transformers import AutoTokenizer
+
+        auto = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+        def token_ids(texts: list[str]) -> list:
+            return auto(texts, truncation=True, max_length=max_length, padding=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+    _TEXT_TOKENIZERS[key] = token_ids
+    return token_ids
+
+
+def piece_bounds(rows: int) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) a shard of `rows` rows is tokenised in on CUDA: 256 rows, 512,
+    then PIECE_ROWS at a time, so the first batch is ready in a fraction of a second."""
+    bounds, start, size = [], 0, 256
+    while start < rows:
+        bounds.append((start, min(rows, start + size)))
+        start, size = start + size, min(2 * size, PIECE_ROWS)
+    return bounds
+
+
+def tokenize_piece(token_ids: Callable[[list[str]], list], texts: list[str]) -> dict:
+    """One piece of a shard's rows tokenised for `Encoder.encode_pieces`: its distinct texts in
+    order of first appearance as token arrays (`flat`, `starts`, `lengths`), a 16-byte digest of
+    each (`digests`: how the encoder finds a text again in a later piece), and each row's index
+    among them (`inverse`)."""
+    first: dict[str, int] = {}
+    inverse = np.fromiter((first.setdefault(t, len(first)) for t in texts), dtype=np.int64, count=len(texts))
+    distinct = list(first)
+    flat, starts, lengths = token_arrays(token_ids, distinct)
+    digests = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in distinct]
+    return {"digests": digests, "inverse": inverse, "flat": flat, "starts": starts, "lengths": lengths}
 
 
 def token_arrays(token_ids, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -405,21 +622,6 @@ def _local_file(folder: Folder, name: str):
         yield f"{tmp}/{name}"
 
 
-def _padded(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, width: int, pad_id: int,
-            rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, attention mask) of texts `idx`, right-padded to `width`, as whole int64 arrays of
-    `rows` rows (rows past len(idx) are empty: one pad token)."""
-    cols = np.arange(width)
-    mask = np.zeros((rows, width), dtype=np.int64)
-    mask[: len(idx)] = cols < lengths[idx, None]
-    mask[len(idx):, 0] = 1  # an empty row attends to one pad token: a fully masked row could give NaN
-    ids = np.full((rows, width), pad_id, dtype=np.int64)
-    if len(flat):
-        pos = np.minimum(starts[idx, None] + cols, len(flat) - 1)
-        ids[: len(idx)] = np.where(mask[: len(idx)] == 1, flat[pos], pad_id)
-    return ids, mask
-
-
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
@@ -452,11 +654,13 @@ ATTENTION_CELLS = 1 << 18
 
 def pool(hidden, mask, mode: str):
     """Mean over real tokens, the first token (cls), or the last real token (right padding), of
-    torch tensors or numpy arrays."""
+    torch tensors or numpy arrays; `mask` None: no token is padding."""
     if mode == "cls":
         return hidden[:, 0]
     if mode == "last":
-        return hidden[range(hidden.shape[0]), mask.sum(1) - 1]
+        return hidden[:, -1] if mask is None else hidden[range(hidden.shape[0]), mask.sum(1) - 1]
+    if mask is None:
+        return hidden.mean(1)
     if isinstance(hidden, np.ndarray):
         m = mask[..., None].astype(hidden.dtype)
         return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)

@@ -50,13 +50,15 @@ def test_cluster_yaml_pins_the_tested_versions():
     setup = " ".join(_config()["setup_commands"])
     assert "-c ~/negprep/constraints.txt" in setup  # everything negprep needs, as tested together
     found = re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^\s'\";]*)", setup)
-    assert {n.lower() for n, _ in found} >= {"torch", "ray"}
+    assert {n.lower() for n, _ in found} >= {"ray"}
     for name, version in found:
-        expect = "2.13.0" if name == "torch" else pins[name.lower()]  # torch: the Makefile's wheel
-        assert version.split("+")[0] == expect, name
-    # GPU nodes get torch's CUDA build, the others the CPU wheel: one command decides by nvidia-smi
-    torch = next(c for c in _config()["setup_commands"] if "torch==" in c)
-    assert "nvidia-smi" in torch and "torch==2.13.0+cu" in torch and "/whl/cpu torch==2.13.0;" in torch
+        assert version == pins[name.lower()], name
+    # torch first, by the script `make install` runs (tests/test_install_torch.py checks its choices): GPU
+    # nodes get the CUDA build for their driver, the others the CPU wheel; all with the same python3
+    commands = [c for c in _config()["setup_commands"] if "install" in c]
+    assert commands[0] == "python3 ~/negprep/scripts/install-torch.py --quiet -c ~/negprep/constraints.txt"
+    assert all(c.startswith("python3 -m pip install ") for c in commands[1:])
+    assert "torch" not in " ".join(commands[1:])
 
 
 @pytest.mark.parametrize("name", ["cluster-scifact.yaml", "cluster-100m.yaml"])

@@ -10,9 +10,9 @@ import pytest
 
 from negprep import devices
 from negprep.config import parse_job
-from negprep.embedding_pool import GPU_BATCH_TOKENS, ShardEmbedder, batching, embed_shard, tokenize_shard
+from negprep.embedding_pool import ShardEmbedder, batching, embed_shard, tokenize_rows
 from negprep.errors import ConfigError
-from negprep.models import Encoder, EncoderSpec, encoder_specs
+from negprep.models import GPU_BATCH_TOKENS, Encoder, EncoderSpec, encoder_specs, load_model, piece_bounds
 from negprep.paths import Folder
 from negprep.runner import run_job
 
@@ -42,7 +42,32 @@ def test_auto_is_the_cpu_without_gpus_and_cuda_when_the_cluster_has_them():
     native = devices.cpu_multiplies_bfloat16()
     assert devices.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     assert devices.resolve_dtype("auto", "cpu", "onnxruntime") == "float32"
-    assert devices.resolve_dtype("int8", "cuda") == "int8"
+    assert devices.resolve_dtype("int8", "cpu") == "int8"
+
+
+def test_int8_on_cuda_is_refused_before_any_work():
+    # named on the device: refused when the job is read
+    with pytest.raises(ConfigError, match="dtype int8 runs on the CPU"):
+        _job(embed={"device": "cuda", "dtype": "int8"})
+    # auto resolving to cuda (the cluster has GPUs): refused when the devices are resolved, before any stage
+    with pytest.raises(ConfigError, match=r"^embed.dtype: int8 runs on the CPU, but the device resolved to cuda"):
+        devices.job_devices(_job(embed={"dtype": "int8"}), 1)
+    with pytest.raises(ConfigError, match=r"^guide.dtype: int8"):
+        devices.job_devices(_job(guide={"model": "g", "dtype": "int8"}), 1)
+    assert devices.job_devices(_job(embed={"dtype": "int8"}), 0)["embed"] == "cpu"  # fine on the CPU
+    assert devices.job_devices(_job(embed={"dtype": "int8", "device": "cpu"}), 1)["embed"] == "cpu"
+    # auto never picks int8
+    assert devices.resolve_dtype("auto", "cuda") == "bfloat16"
+
+
+def test_sdpa_only_where_the_architecture_supports_it(tiny_bert, monkeypatch):
+    import torch
+    from transformers import AutoModel, BertModel
+
+    assert load_model(AutoModel, str(tiny_bert), torch.float32, {}, sdpa=True).config._attn_implementation == "sdpa"
+    monkeypatch.setattr(BertModel, "_supports_sdpa", False)  # transformers' own check refuses SDPA now
+    model = load_model(AutoModel, str(tiny_bert), torch.float32, {}, sdpa=True)
+    assert model.config._attn_implementation != "sdpa"
 
 
 def test_cuda_without_a_gpu_is_one_line_before_any_work(ray_session, tmp_path, demo_data, tiny_bert):
@@ -87,20 +112,41 @@ def test_gpu_code_path_on_cpu_tensors_gives_the_cpu_embeddings(tiny_bert, cuda_o
     assert cos.min() > 0.99
 
 
-def test_tokenising_in_a_cpu_task_gives_the_actors_own_embeddings(tiny_bert, tmp_path, cuda_on_cpu):
+def _pieces(spec, src, bounds):
+    return [tokenize_rows(spec, src, a, b, spec.prompt) for a, b in bounds]
+
+
+def test_tokenising_in_cpu_tasks_gives_the_actors_own_embeddings_whatever_the_pieces(tiny_bert, tmp_path,
+                                                                                      cuda_on_cpu):
     spec, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
-    spec = EncoderSpec(**{**spec.__dict__, "dtype": "float32"})
+    spec = EncoderSpec(**{**spec.__dict__, "dtype": "float32", "prompt": "q: "})
     folder = Folder(str(tmp_path))
-    texts = _texts()
-    folder.write_parquet("shard.parquet", pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}))
+    texts = _texts() + _texts()[:7]  # repeated texts, within and across pieces
+    n = len(texts)
+    folder.write_parquet("shard.parquet", pa.table({"id": [f"d{i}" for i in range(n)], "text": texts}))
     src = folder.file("shard.parquet")
     actor = ShardEmbedder(spec, 1, *batching(_job(embed={"dtype": "float32"}).embed, "cuda"))
-    tokens = tokenize_shard(spec, src, "")
-    assert len(tokens["inverse"]) == len(texts) and len(tokens["lengths"]) == len(set(texts))
-    rows = actor.embed_tokens(tokens, folder.file("streamed.parquet"))["rows"]
-    embed_shard(Encoder(spec), src, folder.file("direct.parquet"), 16, 2048)
-    streamed, direct = folder.read_parquet("streamed.parquet"), folder.read_parquet("direct.parquet")
-    assert rows == len(texts) and streamed.equals(direct)
+    enc = actor.encoder
+    ref = enc.encode_pieces(iter(_pieces(spec, src, piece_bounds(n))), n, 16, 256)
+    # the batches depend on the shard's rows alone: any cut into pieces gives the same bits
+    for bounds in ([(0, n)], [(0, 1), (1, 40), (40, n)], [(i, min(n, i + 7)) for i in range(0, n, 7)]):
+        assert np.array_equal(enc.encode_pieces(iter(_pieces(spec, src, bounds)), n, 16, 256), ref), bounds
+    # a repeated text is embedded once and has one vector
+    assert np.array_equal(ref[len(_texts())], ref[0])
+    # and the CPU's embeddings (same widths, no mask for unpadded batches, pooled the same way)
+    embed_shard(Encoder(EncoderSpec(**{**spec.__dict__, "device": "cpu"})), src, folder.file("direct.parquet"), 16,
+                2048, "q: ")
+    direct = folder.read_parquet("direct.parquet")
+    assert np.array_equal(np.array(direct.column("embedding").to_pylist(), dtype=np.float32), ref)
+    with pytest.raises(ValueError, match="pieces held 1 rows"):
+        enc.encode_pieces(iter(_pieces(spec, src, [(0, 1)])), n, 16, 256)
+
+
+def test_piece_bounds_start_small_and_cover_the_shard():
+    assert piece_bounds(0) == []
+    assert piece_bounds(100) == [(0, 100)]
+    assert piece_bounds(5000) == [(0, 256), (256, 768), (768, 1792), (1792, 2816), (2816, 3840), (3840, 4864),
+                                  (4864, 5000)]
 
 
 def test_gpu_batching_defaults_unless_the_job_sets_them():
@@ -118,24 +164,3 @@ def test_bfloat16_on_a_cpu_does_not_depend_on_the_sharding(tiny_bert):
     for cut in (1, 17, 50):
         got = np.concatenate([enc.encode(texts[:cut], 256, 2048), enc.encode(texts[cut:], 256, 2048)])
         assert np.array_equal(got, ref), cut
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (run in the device check)")
-def test_on_a_real_gpu_the_encoder_stays_within_tolerance_and_repeats_itself(tiny_bert, monkeypatch):
-    monkeypatch.delenv(devices.CUDA_ON_CPU, raising=False)
-    spec, _ = encoder_specs(str(tiny_bert), _Cfg(), device="cuda")
-    cpu = Encoder(EncoderSpec(**{**spec.__dict__, "device": "cpu", "dtype": "float32"})).encode(_texts(), 16, 2048)
-    gpu = Encoder(spec)
-    assert gpu.device.type == "cuda"
-    ref = gpu.encode(_texts(), 4096, GPU_BATCH_TOKENS)
-    cos = (ref * cpu).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(cpu, axis=1)
-    assert cos.min() >= 0.99
-    # another actor with the same shard: the same batches, the same bits
-    assert np.array_equal(Encoder(spec).encode(_texts(), 4096, GPU_BATCH_TOKENS), ref)

@@ -15,8 +15,10 @@ aligned with the candidates file, which the mine stage reads next to it.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +28,8 @@ from negprep.devices import cuda_on_cpu, torch_device
 from negprep.embedding_pool import EmbedPart, actor_layout, batching, embed_parts, embedder, ensure_exports
 from negprep.embeddings import load_embeddings
 from negprep.errors import NegprepError
-from negprep.execution import Resources, assigned_gpus
-from negprep.models import check_compiler, encoder_specs, resolve_model
+from negprep.execution import Resources, assigned_gpus, each
+from negprep.models import check_compiler, encoder_specs, load_model, resolve_model
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
 from negprep.schemas import conform
@@ -103,20 +105,32 @@ def biencoder_scores(candidates: File, query_emb: File, passage_emb: Files, dst:
 
 class CrossEncoder:
     """A sequence-classification model scoring (query, passage) pairs; sigmoid of a single logit,
-    or the probability of the last class for a multi-class head."""
+    or the probability of the last class for a multi-class head.
+
+    On the CPU it tokenises its pairs itself (`score`). On CUDA it runs in `dtype` (auto: bfloat16)
+    with SDPA where the model supports it, on pairs a CPU task tokenised (`pair_tokens`,
+    `score_tokens`), and copies the scores back once per query shard."""
 
     def __init__(self, model_dir: str, max_length: int, threads: int, trust_remote_code: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: str = "float32"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.gpu = device == "cuda"
         self.device = torch_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code).eval().to(self.device)
+        kw = {"trust_remote_code": trust_remote_code}
+        weights = torch.bfloat16 if cross_encoder_dtype(dtype, device) == "bfloat16" else torch.float32
+        self.model = load_model(AutoModelForSequenceClassification, model_dir, weights, kw,
+                                sdpa=self.gpu).eval().to(self.device)
         self.max_length = max_length
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def _probability(self, logits):
+        logits = logits.float()
+        return self.torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
 
     def score(self, queries: list[str], passages: list[str], batch_size: int = 32) -> np.ndarray:
         torch = self.torch
@@ -127,15 +141,88 @@ class CrossEncoder:
                 idx = order[start : start + batch_size]
                 enc = self.tokenizer([queries[i] for i in idx], [passages[i] for i in idx], truncation=True,
                                      max_length=self.max_length, padding=True, return_tensors="pt")
-                logits = self.model(**enc.to(self.device)).logits.float()
-                s = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
-                out[idx] = s.cpu().numpy()
+                out[idx] = self._probability(self.model(**enc.to(self.device)).logits).cpu().numpy()
         return out
+
+    def score_tokens(self, tokens: dict, batch_size: int, batch_tokens: int | None = None) -> np.ndarray:
+        """Scores of pairs tokenised by `pair_tokens` (`flat` ids, `types` token type ids, `starts`,
+        `lengths`), shortest first in batches of at most `batch_size` pairs and `batch_tokens`
+        padded tokens; the scores stay on the device until the last batch."""
+        torch = self.torch
+        lengths = tokens["lengths"]
+        n = len(lengths)
+        order = np.argsort(lengths, kind="stable")
+        out = torch.empty(n, dtype=torch.float32, device=self.device)
+        start = 0
+        with torch.inference_mode():
+            while start < n:
+                rows = min(batch_size, n - start)
+                width = -(-int(lengths[order[start + rows - 1]]) // 8) * 8
+                if batch_tokens and rows * width > batch_tokens:
+                    rows = max(1, batch_tokens // width)
+                    width = -(-int(lengths[order[start + rows - 1]]) // 8) * 8
+                idx = order[start : start + rows]
+                ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+                types = np.zeros((rows, width), dtype=np.int64)
+                mask = np.zeros((rows, width), dtype=np.int64)
+                for r, i in enumerate(idx):
+                    a, m = int(tokens["starts"][i]), int(lengths[i])
+                    ids[r, :m], types[r, :m], mask[r, :m] = tokens["flat"][a : a + m], tokens["types"][a : a + m], 1
+                batch = {k: _to_device(torch, v, self.device) for k, v in
+                         (("input_ids", ids), ("token_type_ids", types), ("attention_mask", mask))}
+                out[start : start + rows] = self._probability(self.model(**batch).logits)
+                start += rows
+        scores = np.empty(n, dtype=np.float32)
+        scores[order] = out.cpu().numpy()
+        return scores
+
+
+def _to_device(torch, array: np.ndarray, device):
+    """A numpy batch on `device`: from pinned memory without waiting on CUDA."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def cross_encoder_dtype(dtype: str, device: str) -> str:
+    """A cross-encoder's precision: bfloat16 when named, and under auto on CUDA; else float32."""
+    return "bfloat16" if dtype == "bfloat16" or (dtype == "auto" and device == "cuda") else "float32"
+
+
+_PAIR_TOKENIZERS: dict = {}  # per worker process: (model, max_length, remote code) -> tokenizer
+
+
+def pair_tokenizer(model_dir: str, max_length: int, trust_remote_code: bool = False):
+    """`tokenize(pairs)` -> (ids, token type ids) per (query, passage) pair, truncated longest
+    first to `max_length`, from the model's tokenizer.json (the `tokenizers` library: no
+    transformers import in a CPU task) or, without one, transformers' AutoTokenizer."""
+    key = (model_dir, max_length, trust_remote_code)
+    if key not in _PAIR_TOKENIZERS:
+        path = Path(model_dir) / "tokenizer.json"
+        if path.is_file() and not trust_remote_code:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            tok.no_padding()
+            tok.enable_truncation(max_length)
+
+            def tokenize(pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+                return [(e.ids, e.type_ids) for e in tok.encode_batch(pairs)]
+        else:
+            from transformers import AutoTokenizer
+
+            auto = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+            def tokenize(pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+                enc = auto([q for q, _ in pairs], [p for _, p in pairs], truncation=True, max_length=max_length,
+                           padding=False, return_attention_mask=False, return_token_type_ids=True)
+                return list(zip(enc["input_ids"], enc["token_type_ids"], strict=True))
+        _PAIR_TOKENIZERS[key] = tokenize
+    return _PAIR_TOKENIZERS[key]
 
 
 @dataclass(frozen=True)
 class CrossScoring:
-    """Where a cross-encoder actor reads and writes: candidates and guide scores per query shard."""
+    """Where a cross-encoder reads and writes: candidates and guide scores per query shard."""
 
     candidates: Folder
     queries: Folder
@@ -144,45 +231,68 @@ class CrossScoring:
     window: Window
 
 
-class ShardCrossScorer:
-    """Ray actor: loads the cross-encoder once, scores one query shard per call."""
-
-    def __init__(self, model_dir: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
-                 where: CrossScoring, device: str = "cpu"):
-        if device == "cuda" and not cuda_on_cpu() and not assigned_gpus():
-            raise NegprepError("a cross-encoder actor on cuda got no GPU from Ray")
-        self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code, device)
-        self.batch_size, self.where = batch_size, where
-
-    def score_shard(self, name: str) -> str:
-        w = self.where
-        cross_encoder_shard(self.ce, self.batch_size, w.candidates.file(name), w.queries.file(name), w.corpus,
-                            w.out.file(name), w.window)
-        return name
-
-
-def cross_encoder_shard(ce: CrossEncoder, batch_size: int, candidates: File, queries: File, corpus: Files,  # noqa: PLR0913
-                        dst: File, window: Window) -> None:
-    """Score one query shard's window candidates and positives with the cross-encoder."""
-    cand = candidates.read_parquet()
-    qt = queries.read_parquet(columns=["id", "text"])
+def shard_pairs(where: CrossScoring, name: str) -> tuple[list[tuple[str, list, list]], list[tuple[str, str]]]:
+    """One query shard's rows (query id, candidate ids, positive ids) and, in order, the (query
+    text, passage text) pairs a cross-encoder scores: each row's window candidates, then its positives."""
+    cand = where.candidates.read_parquet(name)
+    qt = where.queries.read_parquet(name, columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     rows = list(zip(cand.column("query_id").to_pylist(), cand.column("candidate_ids").to_pylist(),
                     cand.column("positive_ids").to_pylist(), strict=True))
-    need = {d for _, cids, pids in rows for d in [*window.of(cids), *pids]}
-    ptext = corpus.lookup(need, "text")
-    pq_, pp_ = [], []
-    for q, cids, pids in rows:
-        for d in [*window.of(cids), *pids]:
-            pq_.append(qtext[q])
-            pp_.append(ptext[d])
-    flat = iter(ce.score(pq_, pp_, batch_size).tolist())
+    need = {d for _, cids, pids in rows for d in [*where.window.of(cids), *pids]}
+    ptext = where.corpus.lookup(need, "text")
+    pairs = [(qtext[q], ptext[d]) for q, cids, pids in rows for d in [*where.window.of(cids), *pids]]
+    return rows, pairs
+
+
+def write_pair_scores(rows: list[tuple[str, list, list]], scores: list[float], dst: File, window: Window) -> None:
+    """Write a query shard's guide scores, `scores` in `shard_pairs`' order."""
+    flat = iter(scores)
     out = {"query_id": [], "candidate_guide_scores": [], "positive_guide_scores": []}
     for q, cids, pids in rows:
         out["query_id"].append(q)
         out["candidate_guide_scores"].append(window.aligned(cids, [next(flat) for _ in window.of(cids)]))
         out["positive_guide_scores"].append([next(flat) for _ in pids])
     dst.write_parquet(conform(pa.table(out), "guide_scores"))
+
+
+def pair_tokens(where: CrossScoring, name: str, model_dir: str, max_length: int, trust_remote_code: bool) -> dict:
+    """A query shard's pairs tokenised for `CrossEncoder.score_tokens` (a CPU task feeding a GPU actor)."""
+    import itertools
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task
+    rows, pairs = shard_pairs(where, name)
+    enc = pair_tokenizer(model_dir, max_length, trust_remote_code)(pairs)
+    lengths = np.fromiter((len(ids) for ids, _ in enc), dtype=np.int64, count=len(enc))
+    starts = np.zeros(len(enc), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in enc), dtype=np.int32, count=int(lengths.sum()))
+    types = np.fromiter(itertools.chain.from_iterable(t for _, t in enc), dtype=np.int8, count=int(lengths.sum()))
+    return {"rows": rows, "flat": flat, "types": types, "starts": starts, "lengths": lengths}
+
+
+class ShardCrossScorer:
+    """Ray actor: loads the cross-encoder once, scores one query shard per call."""
+
+    def __init__(self, model_dir: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
+                 where: CrossScoring, device: str = "cpu", dtype: str = "float32", batch_tokens: int | None = None):
+        if device == "cuda" and not cuda_on_cpu() and not assigned_gpus():
+            raise NegprepError("a cross-encoder actor on cuda got no GPU from Ray")
+        self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code, device, dtype)
+        self.batch_size, self.batch_tokens, self.where = batch_size, batch_tokens, where
+
+    def score_shard(self, name: str) -> str:
+        rows, pairs = shard_pairs(self.where, name)
+        scores = self.ce.score([q for q, _ in pairs], [p for _, p in pairs], self.batch_size)
+        write_pair_scores(rows, scores.tolist(), self.where.out.file(name), self.where.window)
+        return name
+
+    def score_pieces(self, name: str, pieces: list) -> str:
+        """Score a query shard from its pairs tokenised by `pair_tokens` (one piece)."""
+        for tokens in each(pieces):
+            scores = self.ce.score_tokens(tokens, self.batch_size, self.batch_tokens)
+            write_pair_scores(tokens["rows"], scores.tolist(), self.where.out.file(name), self.where.window)
+        return name
 
 
 class Guide(Stage):
@@ -238,12 +348,21 @@ class Guide(Stage):
                 actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
             # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
             batch_size, batch_tokens = batching(g, device)
-            rows = min(batch_size, max(1, (batch_tokens or 1 << 30) // g.max_length))
             where = CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window)
-            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where, device)
-            run.ex.map_actors(ShardCrossScorer, args, actors, res.get("cross_encoder", Resources(cpus=threads)),
-                              lambda a, n: a.score_shard.remote(n), todo, desc="guide")
-            stats["device"] = device
+            ce_res = res.get("cross_encoder", Resources(cpus=threads))
+            stats |= {"device": device, "dtype": cross_encoder_dtype(g.dtype, device)}
+            if device == "cuda":  # CPU tasks tokenise the pairs; the actor batches by length within batch_tokens
+                args = (pspec.model_dir, g.max_length, threads, batch_size, g.trust_remote_code, where, device,
+                        g.dtype, batch_tokens)
+                run.ex.stream(pair_tokens, Resources(cpus=1), ShardCrossScorer, args, actors, ce_res,
+                              lambda n: [(where, n, pspec.model_dir, g.max_length, g.trust_remote_code)],
+                              lambda a, n, futures: a.score_pieces.remote(n, futures), todo, ahead=2 * run.cpus,
+                              desc="guide")
+                return
+            rows = min(batch_size, max(1, (batch_tokens or 1 << 30) // g.max_length))
+            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where, device, g.dtype)
+            run.ex.map_actors(ShardCrossScorer, args, actors, ce_res, lambda a, n: a.score_shard.remote(n), todo,
+                              desc="guide")
             return
         passages = Encoded(pspec, work.sub("embeddings", pspec.key()))
         queries = Encoded(qspec, work.sub("embeddings", qspec.key()))
