@@ -145,8 +145,7 @@ def test_tokenising_in_cpu_tasks_gives_the_actors_own_embeddings_whatever_the_pi
 def test_piece_bounds_start_small_and_cover_the_shard():
     assert piece_bounds(0) == []
     assert piece_bounds(100) == [(0, 100)]
-    assert piece_bounds(5000) == [(0, 256), (256, 768), (768, 1792), (1792, 2816), (2816, 3840), (3840, 4864),
-                                  (4864, 5000)]
+    assert piece_bounds(6000) == [(0, 256), (256, 768), (768, 1792), (1792, 3840), (3840, 5888), (5888, 6000)]
 
 
 def test_gpu_batching_defaults_unless_the_job_sets_them():

@@ -175,3 +175,35 @@ def test_crossencoder_guide_job(ray_session, tiny_bert, demo_data, tmp_path):
     m = run_job(_job(tmp_path, demo_data, tiny_bert, guide, format="triplet"))
     rows = _check(tmp_path, m)
     assert all(0.0 <= r["negative_guide_score"] <= 1.0 for r in rows)  # sigmoid of one logit
+
+
+def test_crossencoder_on_cuda_scores_pairs_tokenised_in_a_cpu_task(tmp_path, monkeypatch):
+    """The CUDA path (under the test switch, on CPU tensors): pairs tokenised off the actor from
+    tokenizer.json, batched by length, give the CPU path's scores; auto is bfloat16 there."""
+    import numpy as np
+
+    from negprep.devices import CUDA_ON_CPU
+    from negprep.stages.guide import CrossEncoder, tokenize_pairs
+
+    monkeypatch.setenv(CUDA_ON_CPU, "1")
+    ce = build_tiny_bert(tmp_path / "tiny-ce", seed=2, classifier=True)
+    queries = [f"where is town {i}" for i in range(40)]
+    passages = [" ".join(["the town lies by the river"] * (1 + i % 9)) for i in range(40)]
+    ref = CrossEncoder(str(ce), 64, 1).score(queries, passages, 8)
+    gpu = CrossEncoder(str(ce), 64, 1, device="cuda", dtype="float32")
+    tokens = tokenize_pairs(str(ce), 64, False, list(zip(queries, passages, strict=True)))
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(ce))(queries, passages, truncation=True, max_length=64,
+                                                  return_token_type_ids=True)
+    ends = tokens["starts"] + tokens["lengths"]
+    assert [tokens["flat"][a:b].tolist() for a, b in zip(tokens["starts"], ends, strict=True)] == auto["input_ids"]
+    assert [tokens["types"][a:b].tolist() for a, b in zip(tokens["starts"], ends, strict=True)] == \
+        auto["token_type_ids"]
+    assert tokens["lengths"].max() == 64  # truncated as the CPU path truncates
+    for batch_size, batch_tokens in ((8, None), (64, 256), (1, None)):
+        np.testing.assert_allclose(gpu.score_tokens(tokens, batch_size, batch_tokens), ref, atol=1e-5)
+    import torch
+
+    assert CrossEncoder(str(ce), 64, 1, device="cuda").model.dtype == torch.bfloat16  # auto on CUDA
+    assert CrossEncoder(str(ce), 64, 1).model.dtype == torch.float32

