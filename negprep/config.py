@@ -173,7 +173,9 @@ class SearchConfig(_Strict):
         4096, gt=0, description="device cuda: GPU memory for the float16 vectors of one index shard (2 bytes x dim a "
         "passage), one shard per GPU at a time, the corpus spread over all GPUs; the actor also holds a float32 copy "
         "(twice that, plus the ids) in host memory for exact rescoring. Replaces shard_mb on cuda")
-    threads: int = Field(0, ge=0, description="faiss OpenMP threads per index shard; 0 = cluster CPUs / shards")
+    threads: int = Field(0, ge=0, description="threads per index shard: faiss's on the CPU, and the exact float64 "
+                         "rescoring's on every device; 0 = cluster CPUs / shards (cuda: the GPU node's CPUs / its "
+                         "index shards, which each index shard actor asks Ray for)")
     query_batch: int = Field(1024, gt=0, description="queries per call fanned out to every index shard")
     ivf_nlist: int = Field(0, ge=0, description="IVF lists per shard; 0 = 4 x sqrt(shard rows)")
     ivf_nprobe: int = Field(16, gt=0, description="IVF lists visited per query: higher = better recall, slower")

@@ -2,11 +2,12 @@
 
 `TorchKnn` holds the passage matrix of one index shard on the device in float16 and answers
 `knn(q, want)` -> (approximate scores, rows) by matmul and `torch.topk`, queries in batches whose
-score matrix fits `score_mb`. The scores are approximate; `bound(q)` gives, per query, a proven
-bound on |approximate - exact| for every passage, so the caller (negprep.index.IndexShard) can
-rescore the returned rows exactly and know when a row that was not returned could still reach its
-k-th exact score (then it fetches more). That is how GPU flat search gives exactly the candidates
-of CPU flat search.
+score matrix (and top-k) fits a score buffer: on CUDA a share of the GPU's free memory once the
+passages are on it (`score_budget`, `query_rows`), on CPU tensors a fixed `SCORE_MB`. The scores
+are approximate; `bound(q)` gives, per query, a proven bound on |approximate - exact| for every
+passage, so the caller (negprep.index.IndexShard) can rescore the returned rows exactly and know
+when a row that was not returned could still reach its k-th exact score (then it fetches more).
+That is how GPU flat search gives exactly the candidates of CPU flat search.
 
 Precision by device:
 
@@ -25,13 +26,25 @@ faiss and polars are not installed.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from negprep import devices
 
-SCORE_MB = 512  # device memory for one query batch's score matrix (and its top-k)
+log = logging.getLogger(__name__)
+
+SCORE_MB = 512  # CPU tensors (the test switch): memory for one query batch's score matrix (and its top-k)
+# CUDA: the score buffer is SCORE_FRACTION of the GPU's free memory once the passages are on it (the
+# rest for topk's own workspace, cuBLAS and anything else sharing the GPU), clamped to
+# [SCORE_MIN, SCORE_MAX]; the ceiling is also 2^31 float32 scores, the most a batch holds anyway
+SCORE_FRACTION = 0.5
+SCORE_MIN = 256 << 20
+SCORE_MAX = 8 << 30
+MAX_ROWS = 16_384  # queries per matmul at most (small shards: more gains nothing)
+MAX_SCORES = 2**31 - 1  # score matrix entries per batch: within 32-bit indexing of torch's kernels
+TOPK_BYTES = 36  # per wanted neighbour and query: topk's values and int64 rows (12 bytes), twice as much workspace
 U16 = 2.0**-11  # float16 unit roundoff (11-bit significand)
 U32 = 2.0**-24  # float32 unit roundoff
 TINY16 = 2.0**-25  # half the spacing of float16 subnormals: the absolute rounding error below 2^-14
@@ -91,14 +104,42 @@ def bound_factor(dim: int, accumulate: float, half_inputs: bool, half_scores: bo
     return 1.02 * (inputs + summed + out)
 
 
+def score_budget(free_bytes: int | None) -> int:
+    """Bytes of device memory for one query batch's score matrix and top-k: `SCORE_FRACTION` of
+    `free_bytes` (the GPU's free memory with the passages on it) within [SCORE_MIN, SCORE_MAX];
+    `SCORE_MB` when there is no such figure (CPU tensors)."""
+    if free_bytes is None:
+        return SCORE_MB << 20
+    return int(min(max(free_bytes * SCORE_FRACTION, SCORE_MIN), SCORE_MAX))
+
+
+def query_rows(budget_bytes: float, passages: int, want: int, dim: int = 0) -> int:
+    """Queries per matmul: as many as `budget_bytes` holds at 4 bytes a score (float32; a float16
+    matrix is smaller), `TOPK_BYTES` per wanted neighbour and the float16 query itself, at most
+    `MAX_ROWS` and `MAX_SCORES` scores, at least one."""
+    per_query = 4 * passages + TOPK_BYTES * want + 2 * dim
+    rows = int(budget_bytes) // max(1, per_query)
+    return max(1, min(rows, MAX_ROWS, MAX_SCORES // max(1, passages)))
+
+
+def batch_rows_for(free_bytes: int | None, passages: int, want: int, dim: int = 0) -> int:
+    """Queries per matmul given the GPU's free memory (None: CPU tensors): `query_rows` of
+    `score_budget`. With an H200's ~139 GiB free, 1M x 384 passages give 2,144 queries per matmul
+    (the 8 GB ceiling) and 10M give 214 (2^31 scores), where a fixed 512 MB gave 134 and 13."""
+    return query_rows(score_budget(free_bytes), passages, want, dim)
+
+
 class TorchKnn:
     """One index shard's passages on a torch device, answering approximate inner-product top-k.
 
     `vecs` (rows x dim float32) are copied to the device once, in half precision (scaled by a
-    power of two); the caller keeps its float32 host copy for exact rescoring.
+    power of two); the caller keeps its float32 host copy for exact rescoring. `score_mb`: the
+    score buffer (None: from the GPU's free memory, `score_budget`); `free_mb` is what the GPU
+    had free once the passages were on it (None on CPU tensors) and `query_batch` the queries per
+    matmul of the latest `knn` call.
     """
 
-    def __init__(self, vecs: np.ndarray, device: str = "cuda", score_mb: float = SCORE_MB, threads: int = 0):
+    def __init__(self, vecs: np.ndarray, device: str = "cuda", score_mb: float | None = None, threads: int = 0):
         import torch
 
         self.device = devices.torch_device(device)
@@ -118,7 +159,14 @@ class TorchKnn:
         block = max(1, (64 << 20) // max(1, 4 * self.dim))
         for i in range(0, self.n, block):
             self.p[i : i + block] = (host[i : i + block] / self.p_scale).to(self.dtype).to(self.device)
-        self.score_mb = score_mb
+        self.free_mb = None
+        if on_gpu:
+            torch.cuda.empty_cache()  # the conversion's blocks: free for the score buffer
+            self.free_mb = torch.cuda.mem_get_info(self.device)[0] / 2**20
+        free = None if self.free_mb is None else int(self.free_mb * 2**20)
+        self.score_mb = score_budget(free) / 2**20 if score_mb is None else score_mb
+        self.query_batch = 0
+        self._pinned = on_gpu
         self.half_scores = self.dtype == torch.float16  # until a float32 score matrix is seen
         self._mm_out = on_gpu and self.dtype == torch.float16  # try torch.mm(..., out_dtype=float32)
         self.accumulate = 2.0 if on_gpu else 1.0
@@ -137,9 +185,8 @@ class TorchKnn:
         return qb @ self.p.T
 
     def batch_rows(self, want: int) -> int:
-        """Queries per matmul: the score matrix (4 bytes a score, and the top-k's) within `score_mb`."""
-        per_query = 4 * self.n + 12 * want
-        return max(1, int(self.score_mb * 2**20) // per_query)
+        """Queries per matmul: the score matrix (4 bytes a score) and the top-k within `score_mb`."""
+        return query_rows(self.score_mb * 2**20, self.n, want, self.dim)
 
     def knn(self, q: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         """The `want` passages of highest approximate score per query row: (scores float32, rows
@@ -153,14 +200,30 @@ class TorchKnn:
         if nq == 0 or want == 0:
             return out_s, out_r
         q_scale = _pow2_scale(q)
-        scaled = torch.from_numpy(np.ascontiguousarray(q / q_scale[:, None], dtype=np.float32))
         step = self.batch_rows(want)
+        if step != self.query_batch:
+            log.info("gpu search: %d queries per matmul (%d passages, %d wanted, score buffer %.0f MB%s)", step,
+                     self.n, want, self.score_mb, "" if self.free_mb is None else f" of {self.free_mb:.0f} MB free")
+        self.query_batch = step
         with torch.inference_mode():
+            scaled = torch.from_numpy(np.ascontiguousarray(q / q_scale[:, None], dtype=np.float32)).to(self.dtype)
+            if self._pinned:
+                # on CUDA nothing waits per batch: queries go up and top-k come back by asynchronous
+                # copies from and into page-locked memory, one synchronisation per call
+                scaled = scaled.pin_memory()
+                host_s = torch.empty((nq, want), dtype=torch.float32, pin_memory=True)
+                host_r = torch.empty((nq, want), dtype=torch.int64, pin_memory=True)
+            else:
+                host_s, host_r = torch.from_numpy(out_s), torch.from_numpy(out_r)
             for i in range(0, nq, step):
-                qb = scaled[i : i + step].to(self.dtype).to(self.device)
+                qb = scaled[i : i + step].to(self.device, non_blocking=self._pinned)
                 s, r = torch.topk(self._scores(qb), want, dim=1, largest=True, sorted=True)
-                out_s[i : i + step] = s.float().cpu().numpy()
-                out_r[i : i + step] = r.cpu().numpy()
+                # the caching allocator is stream-ordered: s and r are not reused before these copies ran
+                host_s[i : i + step].copy_(s.float(), non_blocking=self._pinned)
+                host_r[i : i + step].copy_(r, non_blocking=self._pinned)
+            if self._pinned:
+                torch.cuda.current_stream(self.device).synchronize()
+                out_s[:], out_r[:] = host_s.numpy(), host_r.numpy()
         # back to the input's units: a multiplication by a power of two, exact in float32
         out_s *= (q_scale * self.p_scale).astype(np.float32)[:, None]
         return out_s, out_r

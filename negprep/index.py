@@ -8,7 +8,9 @@ the whole corpus. `ivf` and `hnsw` build an approximate faiss index per shard.
 
 On `search.device: cuda` a flat shard finds its neighbours with a half-precision matmul on the
 GPU (negprep.gpu_search) instead of faiss, with a wider (proven) rounding bound; the rescoring,
-ties and bound check are the same, so the candidates are those of CPU flat search.
+ties and bound check are the same, so the candidates are those of CPU flat search. The rescoring
+runs on the actor's `threads` (on CUDA the CPUs it asks Ray for), with the same result on any
+number of them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 SLACK = 16  # extra neighbours fetched per shard before exact rescoring, so rounding never cuts a near-tie
 ID_BYTES = 200  # memory per passage for its id: a str in an object array plus the id -> row dict entry
 U32 = 2.0**-24  # float32 unit roundoff: a float32 dot product of d terms is off by at most ~d * U32 * |q| |c|
+RESCORE_ELEMENTS = 4_000_000  # float64 products of one rescoring step, over all threads (bounded temporaries)
+RESCORE_MIN = 1 << 20  # ... and of one thread's step at least, so the steps are not tiny
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,16 @@ def _by_score_then_id(scores: np.ndarray, ids: np.ndarray, floor: float) -> list
 
 def _dot64(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Row-wise dot products in float64, rounded to float32: the same value for a (query, passage)
-    pair whatever batch or shard computed it (pairwise sum over a fixed-length axis)."""
-    return (q.astype(np.float64) * v.astype(np.float64)).sum(axis=-1).astype(np.float32)
+    pair whatever batch, shard or thread computed it (pairwise sum over a fixed-length axis). The
+    float32 `v` is widened inside the multiplication (exact), without a float64 copy of it."""
+    return np.multiply(q.astype(np.float64), v, dtype=np.float64).sum(axis=-1).astype(np.float32)
 
 
 class IndexShard:
     """Ray actor: one index shard in memory (exact matrix, plus an ivf/hnsw index if asked for).
 
     A restarted actor (after its worker died) rebuilds itself from storage in `__init__`.
+    `threads`: faiss's threads on the CPU, and on every device the threads of the exact rescoring.
     """
 
     def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int,
@@ -140,14 +147,21 @@ class IndexShard:
         self.dim = self.vecs.shape[1]
         self.max_norm = float(np.sqrt(np.einsum("ij,ij->i", self.vecs, self.vecs).max())) * 1.001
         self.cfg = cfg
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
         self.index = _build_index(self.vecs, cfg) if cfg.index != "flat" else None
         self.gpu = None
         if gpu:
             from negprep.gpu_search import TorchKnn
 
             self.gpu = TorchKnn(self.vecs, "cuda", threads=threads)
-        log.info("index shard: %d rows, %s%s, built in %.1f s", len(ids), cfg.index,
-                 f" on {self.gpu.device} ({self.gpu.dtype})" if self.gpu else "", time.perf_counter() - t0)
+        on = ""
+        if self.gpu:
+            free = "" if self.gpu.free_mb is None else f" of {self.gpu.free_mb:.0f} MB free"
+            on = (f" on {self.gpu.device} ({self.gpu.dtype}, score buffer {self.gpu.score_mb:.0f} MB{free}: "
+                  f"{self.gpu.batch_rows(SLACK)} queries per matmul at most)")
+        log.info("index shard: %d rows, %s%s, %d rescoring thread(s), built in %.1f s", len(ids), cfg.index, on,
+                 self.threads, time.perf_counter() - t0)
 
     def search(
         self, q: np.ndarray, k: int, positives: list[tuple[int, str]], exact: bool = False
@@ -163,12 +177,29 @@ class IndexShard:
         return scores, ids, [(row, d, float(s)) for (row, d, _), s in zip(found, pos, strict=True)]
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the fetched `rows` (-1: none) per query, and their ids. Steps of queries
+        (bounded float64 temporaries) on `threads` threads: numpy releases the GIL in the gather,
+        the products and the sums, and each (query, row) pair is computed the same way in any step,
+        so the result does not depend on the threads."""
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        step = max(1, 4_000_000 // max(1, rows.shape[1] * self.dim))  # bounded float64 temporaries
-        for i in range(0, len(q), step):
+        per_query = max(1, rows.shape[1] * self.dim)
+        step = max(RESCORE_MIN, RESCORE_ELEMENTS // self.threads) // per_query
+        step = max(1, min(step, -(-len(q) // self.threads)))  # every thread gets some
+
+        def part(i: int) -> None:
             r = rows[i : i + step]
             s = _dot64(q[i : i + step, None, :], self.vecs[np.maximum(r, 0)])
             out[i : i + step] = np.where(r >= 0, s, -np.inf)
+
+        starts = range(0, len(q), step)
+        if self.threads > 1 and len(starts) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rescore")
+            for _ in self._pool.map(part, starts):  # raises a step's exception, if any
+                pass
+        else:
+            for i in starts:
+                part(i)
         return out, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], None)
 
     def _knn(self, q: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -168,6 +168,124 @@ def test_bound_holds_for_every_score(cuda_on_cpu, scale):
     assert (eps / norms < 3e-3).all()
 
 
+def test_query_batch_scales_with_the_gpus_free_memory():
+    """The score buffer is half the free GPU memory within [256 MB, 8 GB]; queries per matmul follow
+    (the top-k's memory counted), at most 16,384 and 2^31 scores. CUDA-like numbers: CI has no GPU."""
+    gib = 1 << 30
+    h200 = 139 * gib  # what an H200 has free with a CUDA context and a shard's float16 passages
+    rows = gpu_search.batch_rows_for
+    assert rows(h200, 1_000_000, 116, 384) >= 1024  # 2,144: 8 GB of float32 scores
+    assert rows(h200, 1_000_000, 116, 384) * 1_000_000 <= gpu_search.MAX_SCORES
+    assert rows(h200, 10_000_000, 116, 384) >= 200  # 214 (2^31 scores), where SCORE_MB gave 13
+    assert rows(None, 1_000_000, 116, 384) == (512 << 20) // (4_000_000 + 36 * 116 + 768)  # CPU tensors: 134
+    assert gpu_search.score_budget(h200) == gpu_search.SCORE_MAX
+    assert gpu_search.score_budget(4 * gib) == 2 * gib  # half the free memory
+    assert gpu_search.score_budget(100 << 20) == gpu_search.SCORE_MIN  # the floor
+    assert rows(4 * gib, 1_000_000, 116, 384) == 2 * gib // (4_000_000 + 36 * 116 + 768)
+    assert rows(h200, 20_000, 116, 384) == gpu_search.MAX_ROWS  # a small shard: capped
+    assert rows(h200, 1_000_000, 1_000_000, 384) < rows(h200, 1_000_000, 116, 384)  # the top-k's memory counts
+    assert rows(100 << 20, 2_000_000_000, 116, 384) == 1  # never zero
+    assert all(rows(f << 30, n, w, 384) >= 1 for f in (0, 1, 80) for n in (1, 10**5, 10**8) for w in (1, 10**4))
+
+
+def test_torch_knn_reports_its_query_batch(cuda_on_cpu):
+    rng = np.random.default_rng(2)
+    p = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    knn = gpu_search.TorchKnn(p, "cuda")
+    assert knn.free_mb is None and knn.score_mb == gpu_search.SCORE_MB and knn.query_batch == 0
+    full = knn.knn(q, 10)
+    assert knn.query_batch == knn.batch_rows(10) == gpu_search.MAX_ROWS  # 500 passages: capped
+    small = gpu_search.TorchKnn(p, "cuda", score_mb=0.02)
+    got = small.knn(q, 10)
+    assert 1 < small.query_batch < len(q)  # several batches: the same answer
+    assert np.array_equal(got[0], full[0]) and np.array_equal(got[1], full[1])
+
+
+def _rescore_shard(tmp: Path, threads: int, device: str = "cpu") -> index.IndexShard:
+    folder = Folder(str(tmp))
+    if not folder.exists("c.parquet"):
+        rng = np.random.default_rng(8)
+        vecs = rng.standard_normal((3000, 64)).astype(np.float32)
+        vecs[2000:2100] = vecs[:100]  # ties
+        folder.write_parquet("c.parquet", _emb_table([f"p{(i * 37) % 3000:05d}" for i in range(3000)], vecs))
+    return index.IndexShard(folder, (index.Piece("c.parquet", 0, 3000),), SearchConfig(), threads, device)
+
+
+def test_rescoring_on_threads_is_bit_identical(monkeypatch, tmp_path):
+    """The exact rescoring splits its queries over the actor's threads; every (query, row) pair is
+    computed the same way, so scores, ids and candidates do not depend on the threads."""
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((300, 64)).astype(np.float32)
+    rows = rng.integers(0, 3000, (300, 50))
+    rows[::7, -5:] = -1  # fewer rows than wanted: -inf and None
+    monkeypatch.setattr(index, "RESCORE_ELEMENTS", 60_000)  # many small steps
+    monkeypatch.setattr(index, "RESCORE_MIN", 10_000)
+    one = _rescore_shard(tmp_path, 1)
+    ref = one._rescore(q, rows)
+    # the float64 dot product as it was always computed
+    vecs = one.vecs[np.maximum(rows, 0)].astype(np.float64)
+    old = (q.astype(np.float64)[:, None, :] * vecs).sum(axis=-1).astype(np.float32)
+    assert np.array_equal(ref[0], np.where(rows >= 0, old, -np.inf).astype(np.float32))
+    assert ref[0].dtype == np.float32 and np.isneginf(ref[0][::7, -5:]).all() and (ref[1][::7, -5:] == None).all()  # noqa: E711
+    steps: list[int] = []
+    real = index._dot64
+    for threads in (2, 3, 8):
+        many = _rescore_shard(tmp_path, threads)
+        steps.clear()
+        monkeypatch.setattr(index, "_dot64", lambda a, b: steps.append(len(a)) or real(a, b))
+        got = many._rescore(q, rows)
+        monkeypatch.setattr(index, "_dot64", real)
+        assert len(steps) > threads and sum(steps) == len(q)  # the work was split, every query once
+        assert np.array_equal(got[0], ref[0]) and got[1].tolist() == ref[1].tolist()
+        assert many._pool is not None and many._pool._max_workers == threads
+        for k in (1, 10, 40):
+            _same(one.search(q, k, [(0, "p00001"), (5, "p00002")]), many.search(q, k, [(0, "p00001"), (5, "p00002")]))
+        assert [x.shape for x in many._rescore(q[:0], rows[:0])] == [(0, 50), (0, 50)]
+        assert np.array_equal(many._rescore(q[:1], rows[:1])[0], ref[0][:1])
+
+
+def test_rescoring_threads_on_cuda_equal_cpu(cuda_on_cpu, tmp_path):
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((120, 64)).astype(np.float32)
+    cpu, gpu = _rescore_shard(tmp_path, 1), _rescore_shard(tmp_path, 3, "cuda")
+    assert gpu.gpu is not None and gpu.threads == 3
+    for k in (5, 30):
+        _same(cpu.search(q, k, [(1, "p00003")]), gpu.search(q, k, [(1, "p00003")]))
+
+
+def test_gpu_index_shards_ask_for_their_rescoring_cpus():
+    """On CUDA an index shard actor asks Ray for its share of its GPU node's CPUs (whole ones when
+    one or more), never more than a node can give every shard it may hold."""
+    from negprep.stages import search
+
+    mb = 1 << 20
+    big = 1 << 40
+    # one 16-CPU node with 8 GPUs: 8 shards at once take 2 CPUs each; one shard takes all 16
+    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8) == (2, 2.0)
+    assert search.gpu_shard_cpus([(16, 8, big)], mb, 1) == (16, 16.0)
+    assert search.gpu_shard_cpus([(16, 8, big)], mb, 3) == (5, 5.0)  # 16 / 3: whole CPUs
+    # search.threads: the threads, but never more CPUs than the node's share
+    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=4) == (4, 2.0)
+    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=1) == (1, 1.0)
+    # fewer CPUs than GPUs: a fraction each, so both actors still fit the node
+    assert search.gpu_shard_cpus([(1, 2, big)], mb, 2) == (1, 0.5)
+    # memory holds 2 shards on the 8-GPU node: they share its CPUs by 2
+    assert search.gpu_shard_cpus([(16, 8, 2 * mb)], mb, 8) == (8, 8.0)
+    # nodes differ: the smallest share, wherever Ray places them; a CPU-less node holds none
+    nodes = [(32, 4, big), (8, 4, big), (0, 8, big)]
+    assert search.gpu_shard_cpus(nodes, mb, 8) == (2, 2.0)
+    assert search.gpu_fit(nodes, mb) == 8 and search.gpu_fit(nodes, 8 * big) == 0
+    assert search.gpu_shard_cpus([], mb, 1) == (1, 1.0)
+    # every node can hold all the shards it may get
+    for nodes, size in (([(16, 8, big)], 8), ([(6, 4, big), (3, 2, big)], 5), ([(3, 8, big)], 8)):
+        ask = search.gpu_shard_cpus(nodes, mb, size)[1]
+        assert all(ask * min(g, size) <= c for c, g, _ in nodes)
+    res = search.search_resources(mb, 1.0, 2.0)
+    assert res["index_shard"].cpus == 2.0 and res["index_shard"].gpus == 1.0 and res["coordinator"].cpus == 0
+    assert search.search_resources(mb)["index_shard"].cpus == 0.01  # the CPU: a token CPU, as before
+
+
 def test_gpu_search_imports_without_ray_faiss_polars():
     code = "import sys, negprep.gpu_search; print([m for m in ('ray', 'faiss', 'polars') if m in sys.modules])"
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -259,6 +377,8 @@ def test_job_on_logical_gpus_gives_the_cpu_candidates(tiny_bert, demo_data, tmp_
     assert cpu["stats"]["device"] == "cpu" and "gpus_per_index_shard" not in cpu["stats"]
     assert cpu["stats"]["index_shards"] == 1
     assert gpu["stats"]["device"] == "cuda" and gpu["stats"]["gpus_per_index_shard"] == 1.0
+    # 2 CPUs, 2 GPUs, 2 index shards: each actor asks 1 CPU for its rescoring, and both still run
+    assert (gpu["stats"]["cpus_per_index_shard"], gpu["stats"]["threads_per_index_shard"]) == (1.0, 1)
     assert (gpu["stats"]["index_shards"], gpu["stats"]["groups"]) == (2, 1)  # one shard per GPU, both at once
     assert len(cpu["candidates"]) > 20 and len(cpu["rows"]) > 50
     assert gpu["candidates"] == cpu["candidates"]

@@ -108,7 +108,8 @@ def test_tokenizer_json_gives_transformers_ids(model):
     from negprep.models import resolve_model, text_tokenizer
 
     path = resolve_model(model)
-    rows = [json.loads(line) for line in open(shared_data("scifact") / "corpus.jsonl")][:400]
+    lines = (shared_data("scifact") / "corpus.jsonl").read_text().splitlines()[:400]
+    rows = [json.loads(line) for line in lines]
     texts = [f"{r['title']} {r['text']}" for r in rows] + ["", "Ünïcode façade — 東京", "UPPER lower", " x " * 300]
     auto = AutoTokenizer.from_pretrained(path)(texts, truncation=True, max_length=256)["input_ids"]
     assert text_tokenizer(path, 256)(texts) == auto

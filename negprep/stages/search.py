@@ -318,15 +318,41 @@ def layout(cfg: SearchConfig, inputs: SearchInputs, device: str = "cpu",
     return shards, max((sum(p.stop - p.start for p in s) for s in shards), default=0) * per_row
 
 
-def search_resources(need: int, gpus: float = 0.0) -> dict[str, Resources]:
+def search_resources(need: int, gpus: float = 0.0, cpus: float = 0.01) -> dict[str, Resources]:
     return {
         # memory is reserved by Ray's scheduler, so a shard never lands on a node too small for
-        # it; a token CPU keeps actors off CPU-less nodes (a head started with --num-cpus=0).
-        # On CUDA each index shard actor holds one GPU (Ray sets CUDA_VISIBLE_DEVICES to it)
-        "index_shard": Resources(cpus=0.01, gpus=gpus, memory=max(need, 1), spread=True),
+        # it; on the CPU a token CPU keeps actors off CPU-less nodes (a head started with
+        # --num-cpus=0) and faiss's threads take what the node has. On CUDA each index shard actor
+        # holds one GPU (Ray sets CUDA_VISIBLE_DEVICES to it) and the CPUs of its exact rescoring
+        # (`gpu_shard_cpus`), so nothing else Ray schedules there competes with them
+        "index_shard": Resources(cpus=cpus, gpus=gpus, memory=max(need, 1), spread=True),
         "coordinator": Resources(cpus=0),  # mostly waits on the index shards
         "merge": Resources(cpus=1),
     }
+
+
+def gpu_shard_cpus(nodes: list[tuple[float, float, float]], need: int, size: int,
+                   threads: int = 0) -> tuple[int, float]:
+    """On CUDA: (threads, CPUs asked of Ray) of each index shard actor, given the GPU nodes'
+    (CPUs, GPUs, memory for tasks) and `size` index shards at once.
+
+    A node holds at most min(its GPUs, its memory / `need`, `size`) of them; Ray picks the node, so
+    each actor asks at most the smallest share of a node's CPUs among those shards (whole CPUs
+    when it is one or more), and the actors of a group are never left waiting for CPUs. Its
+    threads (the exact rescoring's) are `threads` (`search.threads`) when set, else that share, at
+    least 1. Nodes without CPUs hold none (`gpu_fit`)."""
+    shares = [cpus / min(slots, max(1, size)) for cpus, gpus, mem in nodes
+              if cpus > 0 and (slots := min(int(gpus), int(mem // max(need, 1)))) > 0]
+    share = min(shares, default=1.0)
+    threads = threads or max(1, int(share))
+    ask = float(min(threads, int(share))) if share >= 1 else max(math.floor(share * 1e4) / 1e4, 1e-4)
+    return threads, ask
+
+
+def gpu_fit(nodes: list[tuple[float, float, float]], need: int) -> int:
+    """Index shard actors the GPU nodes (CPUs, GPUs, memory for tasks) hold at once: one per GPU
+    within each node's memory, on nodes with CPUs (the actors ask for some)."""
+    return sum(min(int(g), int(mem // max(need, 1))) for c, g, mem in nodes if c > 0)
 
 
 def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Folder, range_max: int,  # noqa: PLR0913
@@ -366,31 +392,26 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
             shards: list[tuple[Piece, ...]], need: int, sdir: Folder, range_max: int, device: str = "cpu") -> dict:
     """Search the `todo` query shards, the index shards in groups that fit the cluster's memory
     (and on CUDA its GPUs: one index shard per GPU)."""
-    nodes = execution.nodes()
     gpu = device == "cuda"
-    if gpu:  # GPU actors land on GPU nodes only: at most one per GPU, and their host memory there
-        fit = sum(min(int(g), int(mem // max(need, 1))) for g, mem in execution.gpu_nodes())
-        setting = "search.gpu_shard_mb"
-        where = "GPU node"
-    else:
-        fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
-        setting, where = "search.shard_mb", "node"
-    if shards and fit == 0:
+    size, threads, cpus = placement(cfg, len(shards), need, device)
+    if shards and size == 0:
+        if gpu and not any(c > 0 for c, _, _ in execution.gpu_node_cpus()):
+            raise ConfigError("search.device: cuda, but no GPU node offers Ray CPUs (an index shard actor needs "
+                              "some for its exact rescoring; use search.device: cpu)")
+        setting, where = ("search.gpu_shard_mb", "GPU node") if gpu else ("search.shard_mb", "node")
         raise ConfigError(
             f"{setting}: an index shard needs {need >> 20} MB of memory, more than any {where} offers Ray; "
             f"lower {setting}"
         )
-    size = min(len(shards), fit) or 1
+    size = size or 1
     # an empty corpus is one group without actors: every query gets no candidates
     groups = [shards[i : i + size] for i in range(0, len(shards), size)] or [[]]
-    cpus = sum(c for c, _ in nodes)
-    threads = cfg.threads or max(1, min(int(max(c for c, _ in nodes)), int(cpus // size)))
-    log.info("search: %d index shard(s) (~%.0f MB each), %d group(s), %d query shard(s) to do",
-             len(shards), need / 2**20, len(groups), len(todo))
+    log.info("search: %d index shard(s) (~%.0f MB each), %d group(s), %d query shard(s) to do, %d thread(s) "
+             "and %g CPU(s) per index shard", len(shards), need / 2**20, len(groups), len(todo), threads, cpus)
     total_q = max(1, sum(s.rows for s in inputs.query_shards))
     approx = cfg.index != "flat"
     sample = {s.name: min(s.rows, math.ceil(cfg.recall_sample * s.rows / total_q)) if approx else 0 for s in todo}
-    res = search_resources(need, 1.0 if gpu else 0.0)
+    res = search_resources(need, 1.0 if gpu else 0.0, cpus)
     single = len(groups) == 1
     gdirs = [sdir.sub("group-" + _pieces_key(g)) for g in groups]
     limit = max(2, size)
@@ -410,7 +431,28 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
         ex.map(merge_groups, calls, res["merge"], desc="merge", limit=limit)
         for g in gdirs:
             g.rm("", recursive=True)
-    return {"groups": len(groups), "threads_per_index_shard": threads} | ({"gpus_per_index_shard": 1.0} if gpu else {})
+    return {"groups": len(groups), "threads_per_index_shard": threads} | (
+        {"gpus_per_index_shard": 1.0, "cpus_per_index_shard": cpus} if gpu else {})
+
+
+def placement(cfg: SearchConfig, shards: int, need: int, device: str = "cpu") -> tuple[int, int, float]:
+    """(index shards at once, 0 when none fits; threads per index shard; CPUs each asks of Ray).
+
+    On the CPU the shards that fit the nodes' memory run at once, each asking a token CPU, with
+    faiss's (and the rescoring's) threads `search.threads`, else the cluster's CPUs divided among
+    them (at most a node's). On CUDA one per GPU within the GPU nodes' memory, with the CPUs and
+    threads of `gpu_shard_cpus`."""
+    if device == "cuda":  # GPU actors land on GPU nodes only: at most one per GPU, and their host memory there
+        gnodes = execution.gpu_node_cpus()
+        fit = gpu_fit(gnodes, need)
+        threads, cpus = gpu_shard_cpus(gnodes, need, min(shards, fit) or 1, cfg.threads)
+        return fit and min(shards, fit), threads, cpus
+    nodes = execution.nodes()
+    fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
+    size = min(shards, fit) or 1
+    total = sum(c for c, _ in nodes)
+    threads = cfg.threads or max(1, min(int(max((c for c, _ in nodes), default=1)), int(total // size)))
+    return fit and min(shards, fit), threads, 0.01
 
 
 class Search(Stage):
@@ -424,8 +466,9 @@ class Search(Stage):
 
     def resources(self, run: Run) -> dict[str, Resources]:
         device = run.devices.get("search", "cpu")
-        need = layout(run.job.search, self.inputs(run), device, run.gpus)[1]
-        return search_resources(need, 1.0 if device == "cuda" else 0.0)
+        shards, need = layout(run.job.search, self.inputs(run), device, run.gpus)
+        cpus = placement(run.job.search, len(shards), need, device)[2]
+        return search_resources(need, 1.0 if device == "cuda" else 0.0, cpus)
 
     def run(self, run: Run, force: bool) -> None:
         # the key does not name the device: GPU flat search gives exactly the CPU's candidates
