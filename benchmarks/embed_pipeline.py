@@ -122,15 +122,18 @@ def _child(args) -> None:
     r |= {"actor_ready_after_s": round(ready - r["start"], 2), "first_batch_after_s": round(first - r["start"], 2),
           "first_batch_after_actor_ready_s": round(first - ready, 2)}
     r["shard_seconds"] = [round(x["seconds"], 2) for x in firsts]
-    r["shard_ends_after_s"] = sorted(round(x["end"] - r["start"], 2) for x in firsts)
+    ends = sorted((x["end"], x["rows"]) for x in firsts)
+    r["shard_ends_after_s"] = [round(e - r["start"], 2) for e, _ in ends]
+    if len(ends) > 1:  # once the actor runs: the texts of every shard after the first over the time they took
+        r["steady_texts_per_s"] = round(sum(n for _, n in ends[1:]) / (ends[-1][0] - ends[0][0]), 1)
     del r["start"]
     print(json.dumps(r))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=2, help="SciFact corpus copies (2: 10,366 texts)")
-    ap.add_argument("--shard-rows", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=16, help="SciFact corpus copies (16: 82,928 texts)")
+    ap.add_argument("--shard-rows", type=int, default=20000, help="read.shard_rows' default")
     ap.add_argument("--cpus", type=int, default=0, help="(internal) run one pipeline on this many CPUs")
     ap.add_argument("--model-dir", default="")
     args = ap.parse_args()
@@ -142,19 +145,31 @@ def main() -> None:
     texts = load_texts(args.repeat)
     results: dict = {"texts": len(texts), "tokenizer_alone": tokenizer_alone(args.model_dir, texts), "pipeline": []}
     print("tokenizer alone, one thread:", results["tokenizer_alone"], flush=True)
+    alone = [results["tokenizer_alone"]["texts_per_s"]]
     for cpus in (1, 2):
         r = subprocess.run([sys.executable, __file__, "--cpus", str(cpus), "--repeat", str(args.repeat),
                             "--shard-rows", str(args.shard_rows), "--model-dir", args.model_dir],
                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if r.returncode:
             sys.exit(r.stderr[-3000:])
-        got = json.loads(r.stdout.strip().splitlines()[-1])
-        got["vs_tokenizer_alone"] = round(got["texts_per_s"] / results["tokenizer_alone"]["texts_per_s"], 2)
-        results["pipeline"].append(got)
-        print(f"{cpus} CPU(s):", got, flush=True)
+        results["pipeline"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"{cpus} CPU(s):", results["pipeline"][-1], flush=True)
+    # the tokenizer alone again after the pipelines: the rate they are compared with is the mean of
+    # both, so a change in the shared machine's load during the run weighs on both sides
+    again = tokenizer_alone(args.model_dir, texts)
+    alone.append(again["texts_per_s"])
+    results["tokenizer_alone_again"] = again
+    rate = sum(alone) / len(alone)
+    for got in results["pipeline"]:
+        got["vs_tokenizer_alone"] = round(got["texts_per_s"] / rate, 2)
+        if "steady_texts_per_s" in got:
+            got["steady_vs_tokenizer_alone"] = round(got["steady_texts_per_s"] / rate, 2)
     two = results["pipeline"][-1]
-    results["targets"] = {"two_cpus_vs_tokenizer_alone": two["vs_tokenizer_alone"], "needed": 1.6,
-                          "first_batch_after_s": two["first_batch_after_s"], "first_batch_needed_s": 2.0}
+    results["targets"] = {"two_cpus_vs_tokenizer_alone": two["vs_tokenizer_alone"],
+                          "two_cpus_steady_vs_tokenizer_alone": two.get("steady_vs_tokenizer_alone"), "needed": 1.6,
+                          "first_batch_after_stage_start_s": two["first_batch_after_s"],
+                          "first_batch_after_actor_ready_s": two["first_batch_after_actor_ready_s"],
+                          "first_batch_needed_s": 2.0}
     results["machine"] = {"cpus": os.cpu_count(), "note": "2 shared cores: noisy; the ratios are measured side by "
                           "side in one run"}
     OUT.write_text(json.dumps(results, indent=2))
