@@ -251,6 +251,7 @@ class Encoder:
         self.dim = self.model.config.hidden_size
         self.fixed_rows = spec.dtype == "bfloat16" and not self.gpu
         self._staging = _Staging(torch, self.device) if self.gpu else None
+        self._mask_4d = self.gpu and prepared_masks_pass(self.model)
 
     @property
     def device_name(self) -> str:
@@ -341,15 +342,18 @@ class Encoder:
         flat[n * width:] = lengths
         dev = self._staging.send(host)
         ids_t = dev[: n * width].view(n, width).long()
-        mask_t = None
-        if lengths.min() < width:  # decided on the host: no wait for the GPU
-            mask_t = (torch.arange(width, device=dev.device)[None, :] < dev[n * width:, None]).long()
-        return self._model_step(ids_t, mask_t)
+        if lengths.min() == width:  # decided on the host: no wait for the GPU
+            return self._model_step(ids_t, None)
+        keep = torch.arange(width, device=dev.device)[None, :] < dev[n * width:, None]
+        # transformers 5 checks a 2-D mask on the host (`mask.all()`, a wait for the GPU) before
+        # building the attention mask; a prepared 4-D one (SDPA's boolean form) it takes as is
+        return self._model_step(ids_t, keep, keep[:, None, None, :] if self._mask_4d else None)
 
-    def _model_step(self, ids, mask):
-        """The model on one batch (torch tensors on the encoder's device; `mask` None: no padding):
-        pooled, normalised fp32 vectors."""
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    def _model_step(self, ids, mask, model_mask=None):
+        """The model on one batch (torch tensors on the encoder's device; `mask` None: no padding;
+        `model_mask` what the model gets instead of `mask`): pooled, normalised fp32 vectors."""
+        given = mask if model_mask is None else model_mask
+        hidden = self.model(input_ids=ids, attention_mask=given).last_hidden_state.float()
         vec = pool(hidden, mask, self.spec.pooling)
         if self.spec.normalize:
             vec = self.torch.nn.functional.normalize(vec, dim=-1)
@@ -374,6 +378,15 @@ def load_model(auto_class, model_dir: str, dtype, kw: dict, sdpa: bool):
                 raise
             log.info("%s: no SDPA attention for this architecture, using its default", model_dir)
     return auto_class.from_pretrained(model_dir, dtype=dtype, **kw)
+
+
+def prepared_masks_pass(model) -> bool:
+    """Whether `model` takes a prepared 4-D boolean attention mask as is: SDPA attention under
+    transformers 5, whose mask builder returns a 4-D mask unchanged (older ones expect 2-D)."""
+    import transformers
+
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return attention == "sdpa" and int(transformers.__version__.split(".")[0]) >= 5
 
 
 class _Batches:

@@ -191,6 +191,7 @@ def test_crossencoder_on_cuda_scores_pairs_tokenised_in_a_cpu_task(tmp_path, mon
     passages = [" ".join(["the town lies by the river"] * (1 + i % 9)) for i in range(40)]
     ref = CrossEncoder(str(ce), 64, 1).score(queries, passages, 8)
     gpu = CrossEncoder(str(ce), 64, 1, device="cuda", dtype="float32")
+    assert gpu._mask_4d
     tokens = tokenize_pairs(str(ce), 64, False, list(zip(queries, passages, strict=True)))
     from transformers import AutoTokenizer
 

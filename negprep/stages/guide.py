@@ -29,7 +29,7 @@ from negprep.embedding_pool import EmbedPart, actor_layout, batching, embed_part
 from negprep.embeddings import load_embeddings
 from negprep.errors import NegprepError
 from negprep.execution import Resources, assigned_gpus, each
-from negprep.models import check_compiler, encoder_specs, load_model, resolve_model
+from negprep.models import check_compiler, encoder_specs, load_model, prepared_masks_pass, resolve_model
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
 from negprep.schemas import conform
@@ -127,6 +127,7 @@ class CrossEncoder:
                                 sdpa=self.gpu).eval().to(self.device)
         self.max_length = max_length
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self._mask_4d = self.gpu and prepared_masks_pass(self.model)
 
     def _probability(self, logits):
         logits = logits.float()
@@ -170,6 +171,8 @@ class CrossEncoder:
                     ids[r, :m], types[r, :m], mask[r, :m] = tokens["flat"][a : a + m], tokens["types"][a : a + m], 1
                 batch = {k: _to_device(torch, v, self.device) for k, v in
                          (("input_ids", ids), ("token_type_ids", types), ("attention_mask", mask))}
+                if self._mask_4d:  # a prepared mask: transformers 5 does not check it on the host
+                    batch["attention_mask"] = batch["attention_mask"].bool()[:, None, None, :]
                 out[start : start + rows] = self._probability(self.model(**batch).logits)
                 start += rows
         scores = np.empty(n, dtype=np.float32)
