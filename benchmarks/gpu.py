@@ -368,6 +368,11 @@ def main() -> None:
         return prepare()
     if args.table:
         return print(table(load_results(Path(args.table))))
+    if not Path(args.corpus).exists() or not Path(args.model_dir).exists():
+        if not args.smoke:
+            sys.exit(f"{args.corpus} or {args.model_dir} is missing: run `python3 benchmarks/gpu.py --prepare` "
+                     "where ../shared/data is, and carry .gpu-carry/")
+        prepare()  # the smoke run is on the machine that has the data
     import torch
 
     if args.smoke:
