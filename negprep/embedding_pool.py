@@ -9,7 +9,7 @@ texts, finds the file and skips the shard.
 Passages and queries go through one pool (one model load, one set of processes): they differ only
 in their prompt. On the CPU an actor tokenises its shard itself. On CUDA the actors ask Ray for
 GPUs (`embed.gpus_per_actor`) and no CPU, so they land on GPU nodes, and CPU tasks tokenise each
-shard in pieces of a few hundred to a thousand rows (`models.piece_bounds`, `Executor.stream`):
+shard in pieces of 256 to 2,048 rows (`models.piece_bounds`, `Executor.stream`):
 tokenising is the slower half for a small model, so two pieces per CPU of the cluster are in
 flight, and an actor embeds a shard's first piece while the rest are still being tokenised
 (`Encoder.encode_pieces`).
