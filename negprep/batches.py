@@ -26,16 +26,27 @@ Batches left short (at a cluster's end, or when the rows ahead all clash) are ha
 - `drop`: rows of short batches are dropped and counted; again every batch is full.
 - `keep`: short batches are written as they are (every row kept); a trainer must then batch by
   `batch_id`, since fixed-size slices of the file would straddle batches.
+
+In-batch false-negative guard (`conflicts`): with an in-batch loss every passage of a batch is a
+negative for every other row's query, and topic batches gather similar questions, so one row's
+passage may answer another row's query. `conflicting_pairs` finds such rows by the rule that vets
+mined negatives (a passage scoring above a query's positive minus its margins); `compose` turns
+each pair into a key both rows share, so the packer keeps them apart like repeated texts. The
+pairs are found per cluster before it is packed, and again on the merge pool, which mixes clusters.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from negprep.mining import row_seed
+from negprep.mining import margin_thresholds, row_seed
+
+#: rows (indices into compose's input) -> (k, 2) pairs of those rows that must not share a batch
+Conflicts = Callable[[np.ndarray], np.ndarray]
 
 PARTIAL = ("merge", "drop", "keep")
 
@@ -49,7 +60,7 @@ class Batches:
         batch_id: (m,) batch of each output position; 0, 0, ..., 1, 1, ...: batches are contiguous.
         mixed: (number of batches,) True for a `merge` batch pooled from several clusters' leftovers.
         counts: rows, rows_batched, rows_merged, rows_dropped, batches, batches_mixed, batches_short,
-            rows_moved.
+            rows_moved, and the guard's guard_pairs, guard_pairs_separated, rows_dropped_by_guard.
     """
 
     order: np.ndarray
@@ -211,6 +222,89 @@ def rebalance(cluster: np.ndarray, query: np.ndarray, second: np.ndarray, margin
     return qc[inv]
 
 
+def guard_thresholds(positive: np.ndarray, relative: float | None = None, absolute: float | None = None,
+                     max_score: float | None = None) -> np.ndarray:
+    """(n,) the highest score a row's query may give another row's passage: the mining rule's.
+
+    Args:
+        positive: (n,) or (n, p) each row's positive score(s) under the scorer (NaN pads a 2-d
+            row); the reference is the lowest, as for mined negatives.
+        relative, absolute: the margins (`mining.margin_thresholds`).
+        max_score: a cap on the threshold. With no margin and no cap the rule vets nothing (naive
+            mining keeps a candidate whatever it scores), so nothing is positive-like: inf.
+    """
+    ref = np.asarray(positive, dtype=np.float64)
+    if ref.ndim == 2:
+        ref = np.fmin.reduce(ref, axis=1) if ref.shape[1] else np.full(len(ref), np.nan)  # fmin skips NaN padding
+    thr = margin_thresholds(ref, relative, absolute)  # inf without a margin
+    return thr if max_score is None else np.minimum(thr, max_score)
+
+
+def conflicting_pairs(queries: np.ndarray, passages: np.ndarray, positive: np.ndarray, query: np.ndarray,
+                      relative: float | None = None, absolute: float | None = None,
+                      max_score: float | None = None) -> np.ndarray:
+    """(k, 2) pairs (i < j, unique) of rows that must not share a batch under an in-batch loss.
+
+    Rows r and s conflict when a passage of s scores above r's threshold for r's query
+    (`guard_thresholds`), or one of r's above s's: that passage would be a false negative of the
+    other row. Rows with the same query key are skipped (the packer keeps them apart already). A
+    NaN score counts as above, as in `mining.classify`.
+
+    Args:
+        queries: (n, d) each row's query vector.
+        passages: (n, m, d) each row's passage vectors (positive and negatives), normalised as the
+            scorer's embeddings are: scores are inner products.
+        positive: (n,) or (n, p) each row's positive score(s) under the same scorer.
+        query: (n,) each row's query key.
+        relative, absolute, max_score: the scorer's rule (the guide's, or the mining model's).
+    """
+    q = np.asarray(queries)
+    p = np.asarray(passages)
+    n = len(q)
+    if n < 2 or p.ndim != 3 or p.shape[1] == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    m = p.shape[1]
+    flat = p.reshape(n * m, -1)
+    thr = guard_thresholds(positive, relative, absolute, max_score)
+    key = np.asarray(query).reshape(-1)
+    block = max(1, (1 << 22) // (n * m))  # query rows per product: about 16 MB of float32 scores
+    found = []
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        best = (q[a:b] @ flat.T).reshape(b - a, n, m).max(axis=2)  # [r, s]: s's best passage for r's query
+        hit = ~(best <= thr[a:b, None]) & (key[a:b, None] != key[None, :])
+        r, c = np.nonzero(hit)
+        found.append(np.stack([r + a, c], axis=1))
+    pairs = np.sort(np.concatenate(found), axis=1)  # r's passage for s's query or the reverse: one pair
+    return np.unique(pairs, axis=0).astype(np.int64).reshape(-1, 2)
+
+
+class _Guard:
+    """Keys that keep conflicting rows apart: pair g becomes ("guard", g) in both rows' keys (a tuple
+    never equals an int64 text key), so pack, fill and _swap separate them like a repeated text."""
+
+    def __init__(self, keys: list[tuple], conflicts: Conflicts):
+        self.base = keys
+        self.keys = list(keys)
+        self.conflicts = conflicts
+        self.pairs: dict[tuple[int, int], int] = {}
+
+    def add(self, rows: np.ndarray) -> None:
+        """Find the conflicts among `rows` and give each new pair its key."""
+        if len(rows) < 2:
+            return
+        found = np.asarray(self.conflicts(np.asarray(rows, dtype=np.int64)), dtype=np.int64).reshape(-1, 2)
+        for i, j in found.tolist():
+            pair = (min(i, j), max(i, j))
+            # a pair sharing a text or query key is kept apart already: not the guard's doing
+            if i == j or pair in self.pairs or not set(self.base[i]).isdisjoint(self.base[j]):
+                continue
+            key = ("guard", len(self.pairs))
+            self.pairs[pair] = len(self.pairs)
+            self.keys[i] += (key,)
+            self.keys[j] += (key,)
+
+
 def compose(
     cluster: np.ndarray,
     query: np.ndarray,
@@ -221,6 +315,7 @@ def compose(
     window: int | None = None,
     second: np.ndarray | None = None,
     margin: np.ndarray | None = None,
+    conflicts: Conflicts | None = None,
 ) -> Batches:
     """Order rows into batches of one cluster each, without repeated keys inside a batch.
 
@@ -234,6 +329,9 @@ def compose(
         window: how many rows ahead a batch may look for a non-clashing row (default 8 batches).
         second, margin: (n,) each row's query's second-nearest cluster and how much farther it is:
             with them, boundary queries move so that clusters fill whole batches (`rebalance`).
+        conflicts: the in-batch guard: row indices -> (k, 2) pairs of them (indices into the input
+            rows) that must not share a batch (`conflicting_pairs`). Called per cluster before it
+            is packed and on the merge pool; without it the plan is the unguarded one.
     """
     if partial not in PARTIAL:
         raise ValueError(f"unknown partial {partial!r}: one of {', '.join(PARTIAL)}")
@@ -253,30 +351,51 @@ def compose(
     level, prio = interleave(cluster, query, texts, rng)
     tie = np.unique(query, return_inverse=True)[1].reshape(-1)
     order = np.lexsort((tie, prio, level, cluster))
-
-    full: list[list[int]] = []
-    short: list[list[int]] = []
     bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        for batch in fill(pack(order[a:b], keys, batch_size, window), keys, batch_size):
-            (full if len(batch) == batch_size else short).append(batch)
 
-    mixed: list[list[int]] = []
-    dropped = 0
-    if partial == "keep":
-        full += short
-    else:
-        left = np.array([r for b in short for r in b], dtype=np.int64)
-        if partial == "merge" and len(left):
-            # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
-            pool = left[np.lexsort((tie[left], prio[left], level[left], cluster[left]))]
-            for batch in fill(pack(pool, keys, batch_size, window), keys, batch_size):
-                if len(batch) == batch_size:
-                    mixed.append(batch)
-                else:
-                    dropped += len(batch)
+    def plan(guard: _Guard | None) -> tuple[list[list[int]], list[list[int]], int]:
+        """(full batches, mixed batches, rows dropped); the guard adds its keys group by group."""
+        ks = guard.keys if guard else keys
+        full: list[list[int]] = []
+        short: list[list[int]] = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            if guard:
+                guard.add(order[a:b])
+            for batch in fill(pack(order[a:b], ks, batch_size, window), ks, batch_size):
+                (full if len(batch) == batch_size else short).append(batch)
+        mixed: list[list[int]] = []
+        dropped = 0
+        if partial == "keep":
+            full += short
         else:
-            dropped = len(left)
+            left = np.array([r for b in short for r in b], dtype=np.int64)
+            if partial == "merge" and len(left):
+                # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
+                pool = left[np.lexsort((tie[left], prio[left], level[left], cluster[left]))]
+                if guard:  # the pool mixes clusters: pairs across them are new
+                    guard.add(pool)
+                for batch in fill(pack(pool, ks, batch_size, window), ks, batch_size):
+                    if len(batch) == batch_size:
+                        mixed.append(batch)
+                    else:
+                        dropped += len(batch)
+            else:
+                dropped = len(left)
+        return full, mixed, dropped
+
+    guard = _Guard(keys, conflicts) if conflicts is not None else None
+    full, mixed, dropped = plan(guard)
+    separated = by_guard = 0
+    if guard is not None and guard.pairs:
+        # what the guard changed: the same inputs and seed packed without it (integer work, cheap)
+        bare_full, bare_mixed, bare_dropped = plan(None)
+        batch_of = np.full(n, -1, dtype=np.int64)
+        for i, b in enumerate(bare_full + bare_mixed):
+            batch_of[b] = i
+        pairs = np.array(list(guard.pairs), dtype=np.int64)
+        together = batch_of[pairs[:, 0]]
+        separated = int(((together >= 0) & (together == batch_of[pairs[:, 1]])).sum())
+        by_guard = max(0, dropped - bare_dropped)
 
     batches = full + mixed
     is_mixed = np.array([False] * len(full) + [True] * len(mixed), dtype=bool)
@@ -292,6 +411,11 @@ def compose(
         "batches_mixed": len(mixed),
         "batches_short": int((sizes < batch_size).sum()),
         "rows_moved": int((cluster != kmeans).sum()),  # to their query's second-nearest cluster
+        # row pairs where a passage of one is positive-like for the other's query (and no shared text
+        # keeps them apart already)
+        "guard_pairs": len(guard.pairs) if guard else 0,
+        "guard_pairs_separated": separated,  # of them, in one batch of the unguarded plan
+        "rows_dropped_by_guard": by_guard,  # more rows dropped than the unguarded plan drops
     }
     return Batches(
         order=out,

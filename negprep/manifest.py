@@ -29,7 +29,10 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
     pspec, qspec = run.embed.passages.spec, run.embed.queries.spec
     counts = dict(mine.counts)
     if batch:
-        counts["rows_dropped_partial_batches"] = batch["rows_dropped"]
+        # the batch guard's share of the dropped rows apart: the two add up to batches.rows_dropped
+        guard = batch.get("rows_dropped_by_guard", 0)
+        counts["rows_dropped_partial_batches"] = batch["rows_dropped"] - guard
+        counts["rows_dropped_batch_guard"] = guard
         counts["rows"] = batch["rows_batched"]
     manifest = {
         "negprep_version": version("negprep"),

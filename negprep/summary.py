@@ -59,6 +59,9 @@ def format_summary(m: dict) -> str:
             f"{(b['rows_batched'] - b['rows_merged']) / max(1, b['rows']):.1%}, in mixed {_n(b['rows_merged'])} "
             f"({b['rows_merged'] / max(1, b['rows']):.1%}), "
             f"dropped {_n(b['rows_dropped'])} (partial_batches: {b['partial_batches']})"
+            + (f"; batch guard ({b['guard_model']}): {_n(b['guard_pairs'])} row pairs kept apart, "
+               f"{_n(b['guard_pairs_separated'])} of them would have shared a batch, "
+               f"{_n(b['rows_dropped_by_guard'])} rows dropped for it" if b.get("guard_model") else "")
         )
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")

