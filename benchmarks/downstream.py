@@ -227,12 +227,16 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(result: dict) -> None:
+def write_block(begin: str, end: str, body: str) -> None:
+    """Replace what stands between the markers `begin` and `end` in the README with `body`."""
     path = ROOT / "README.md"
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{readme_table(result)}\n{END}{tail}")
+    head, rest = path.read_text().split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def write_readme(result: dict) -> None:
+    write_block(BEGIN, END, readme_table(result))
 
 
 def main() -> None:

@@ -423,11 +423,7 @@ def readme_tables(result: dict) -> str:
 
 
 def write_readme(result: dict) -> None:
-    path = ROOT / "README.md"
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{readme_tables(result)}\n{END}{tail}")
+    downstream.write_block(BEGIN, END, readme_tables(result))
 
 
 # ---------------------------------------------------------------- the run
