@@ -256,8 +256,9 @@ class Job(_Strict):
     batch_size: int | None = Field(None, gt=0, description="training batch size: rows ordered into topic batches")
     partial_batches: Literal["merge", "drop", "keep"] = "merge"
     batch_guard: bool = Field(
-        True, description="with batch_size: never put in one batch a passage that the guide (else the mining model) "
-        "scores as a positive for another row's query, by the rule that vets negatives (an in-batch false negative)")
+        True, description="with batch_size: never put in one batch a passage that is a labelled positive of another "
+        "row's question, or that the guide (else the mining model) scores as one by the rule that vets negatives "
+        "(an in-batch false negative)")
     cluster: ClusterConfig = ClusterConfig()
     on_bad_input: Literal["strict", "lenient"] = Field(
         "lenient",

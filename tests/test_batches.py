@@ -15,8 +15,11 @@ from negprep.batches import (
     fill,
     guard_thresholds,
     interleave,
+    known_positive_pairs,
     pack,
+    positive_keys,
     split_files,
+    zscore_caps,
 )
 from negprep.stages.cluster import cluster_count, sample_rows
 
@@ -364,6 +367,36 @@ def test_conflicting_pairs_hand_computed():
     assert conflicting_pairs(GUARD_Q[:1], GUARD_P[:1], GUARD_POS[:1], GUARD_KEY[:1]).shape == (0, 2)
 
 
+def test_zscore_caps_follow_the_vetting_rule():
+    from negprep.mining import window_zscores
+
+    window = np.array([[0.1, 0.2, 0.3, 0.9, np.nan], [0.5, 0.5, np.nan, np.nan, np.nan], [0.4] + [np.nan] * 4])
+    caps = zscore_caps(window, 1.5)
+    # row 0: mean 0.375, std 0.3112 -> 0.842; the candidate at 0.9 is above it, as window_zscores says
+    assert caps[0] == pytest.approx(0.375 + 1.5 * np.sqrt(((window[0, :4] - 0.375) ** 2).mean()))
+    z = window_zscores(window[:1], np.isfinite(window[:1]))
+    assert ((z[0, :4] > 1.5) == (window[0, :4] > caps[0])).all()
+    assert np.isinf(caps[1:]).all()  # all equal, or one score: no outlier
+    # the cap joins the margins: with no margin at all, only the z-score bound separates rows
+    two = np.array([caps[0], np.inf, np.inf, np.inf, np.inf])
+    got = conflicting_pairs(GUARD_Q, GUARD_P, GUARD_POS, GUARD_KEY, cap=two).tolist()
+    assert got and all(0 in p for p in got)  # only row 0's query has a bound: every pair involves it
+    assert conflicting_pairs(GUARD_Q, GUARD_P, GUARD_POS, GUARD_KEY, cap=np.full(5, np.inf)).shape == (0, 2)
+
+
+def test_known_positive_pairs_share_positives_of_the_same_question_text():
+    # rows 0 and 1 ask the same question (key 1) with different answers (10, 11): both are its positives
+    query = np.array([1, 1, 2, 3])
+    texts = np.array([[10, 20], [11, 21], [30, 11], [40, 10]])
+    known = positive_keys(query, texts)
+    assert known == {1: {10, 11}, 2: {30}, 3: {40}}
+    # rows 2 and 3 hold an answer of question 1 as a negative: a false negative of rows 0 and 1 both
+    assert known_positive_pairs(query, texts, known).tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]
+    # rows of one question never pair (the packer separates them); positives only, not negatives
+    assert known_positive_pairs(query[:2], texts[:2], known).shape == (0, 2)
+    assert known_positive_pairs(np.array([2, 3]), np.array([[30, 40], [41, 42]]), known).tolist() == [[0, 1]]
+
+
 def _guard(pairs: np.ndarray, calls: list | None = None):
     """A `conflicts` callable returning the given pairs that lie inside the rows asked about."""
     def conflicts(rows: np.ndarray) -> np.ndarray:
@@ -490,6 +523,7 @@ def test_guard_conflicts_read_the_scorers_embeddings(tmp_path):
     qids = np.array(["q0", "q1", "q2"], dtype=object)
     pids = np.array([["p0", "n0"], ["p1", "n1"], ["p2", "n2"]], dtype=object)
     rows = np.arange(3)
+    texts = np.array([[10, 11], [12, 13], [14, 15]])
 
     def scorer(positives: list[list[str]], passages: dict) -> GuardScorer:
         cand = files("c", pa.table({"query_id": list(qids), "positive_ids": positives}))
@@ -497,11 +531,18 @@ def test_guard_conflicts_read_the_scorers_embeddings(tmp_path):
 
     # row 1's negative scores 1.0 for q0 (its positive 0.8); n2 scores 0.55 for q0: above its second
     # positive p0b (0.5), which no written row holds but which sets q0's reference
-    got = guard_conflicts(scorer([["p0", "p0b"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]))
+    got = guard_conflicts(scorer([["p0", "p0b"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]), texts)
     assert got(rows).tolist() == [[0, 1], [0, 2]]
     assert np.sort(got(np.array([2, 0])), axis=1).tolist() == [[0, 2]]  # input rows, not positions
-    got = guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]))
+    got = guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]), texts)
     assert got(rows).tolist() == [[0, 1]]
+    # a passage whose text is another row's labelled positive conflicts whatever it scores, and
+    # without a scorer (a rule that vets nothing) only those pairs are found
+    copy = np.array([[10, 11], [12, 13], [14, 10]])
+    assert guard_conflicts(None, qids, pids, np.array([1, 2, 3]), copy)(rows).tolist() == [[0, 2]]
+    assert guard_conflicts(None, qids, pids, np.array([1, 2, 3]), texts)(rows).shape == (0, 2)
+    got = guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], vecs), qids, pids, np.array([1, 2, 3]), copy)
+    assert sorted(got(rows).tolist()) == [[0, 1], [0, 2]]
     with pytest.raises(NegprepError, match="1 passages have no embedding"):
         guard_conflicts(scorer([["p0"], ["p1"], ["p2"]], {k: v for k, v in vecs.items() if k != "n2"}),
-                        qids, pids, np.array([1, 2, 3]))
+                        qids, pids, np.array([1, 2, 3]), texts)

