@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from negprep.config import parse_job
@@ -145,6 +145,7 @@ JSON_VALUE = st.recursive(
     ),
     limit=st.sampled_from([None, 12, 30]),
 )
+@example(rows=[{"_id": "0", "text": "\x1f"}], limit=None)  # a separator alone: blank to Python, not to polars
 def test_every_kept_passage_satisfies_the_contract(rows, limit):
     rows = [{"_id": "d1", "text": "p"}, *rows]  # short: the positive survives every limit
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()

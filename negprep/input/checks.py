@@ -65,8 +65,13 @@ _C_ID, _C_TEXT, _C_Q, _C_D, _C_SCORE, _C_REF, _C_WHY, _C_WHERE, _C_FIRST = (
 _REJECTED_SCHEMA = {"line": pl.Int64, "reason": pl.String, "detail": pl.String, "row": pl.String}
 
 
+# Python's whitespace (str.isspace), which counts the ASCII separators \x1c-\x1f that polars'
+# default strip (Unicode White_Space) keeps: a text of them alone is as empty as one of spaces
+_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
 def _blank(col: str) -> pl.Expr:
-    return pl.col(col).str.strip_chars().str.len_chars() == 0
+    return pl.col(col).str.strip_chars(_SPACE).str.len_chars() == 0
 
 
 class Rows:
