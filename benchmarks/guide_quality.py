@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from negprep import mining  # noqa: E402
 from negprep.config import GuideConfig, parse_job  # noqa: E402
+from negprep.rules import mining  # noqa: E402
 from negprep.runner import run_job  # noqa: E402
 from negprep.stages.mine import mine_candidates  # noqa: E402
 

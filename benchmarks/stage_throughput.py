@@ -88,12 +88,12 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     import ray
 
     from negprep.config import SearchConfig
-    from negprep.embeddings import table_vectors
     from negprep.execution import Executor
-    from negprep.index import IndexShard, Piece
+    from negprep.index.faiss_shard import IndexShard, Piece
+    from negprep.input.shards import Shard
+    from negprep.models.vectors import table_vectors
     from negprep.paths import Folder
     from negprep.schemas import conform
-    from negprep.shards import Shard
     from negprep.stages.search import SearchInputs, search_all
 
     rng = np.random.default_rng(0)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.install_log_redaction()
     try:
         if args.command == "report":
-            from negprep.report import rebuild
+            from negprep.output.report import rebuild
 
             for url in rebuild(args.output, card=args.card):
                 print(url)
@@ -57,16 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job, overrides)
         storage.remember_secrets(job.model_dump(mode="json"))
         if args.command == "validate":
-            from negprep.checks import check_inputs
+            from negprep.input.checks import check_inputs
+            from negprep.output.summary import format_check
             from negprep.runner import check_job
-            from negprep.summary import format_check
 
             check_job(job)  # what a run checks before Ray starts: model names, compilers, inputs
             print(format_check(args.job, job, check_inputs(job)))
             return 0
+        from negprep.output.summary import format_summary
         from negprep.runner import run_job
         from negprep.stages import NAMES
-        from negprep.summary import format_summary
 
         manifest = run_job(job, overwrite=args.overwrite, redo=NAMES[0] if args.force else args.redo)
         print(format_summary(manifest))

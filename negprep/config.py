@@ -89,7 +89,7 @@ class EmbedConfig(_Strict):
                                   "fractional shares a GPU between actors")
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto", description="inference precision; auto: bfloat16 on CUDA and on CPUs that multiply it natively, "
-        "else float32 (negprep.devices.resolve_dtype); bfloat16 is about 1.7x "
+        "else float32 (negprep.models.devices.resolve_dtype); bfloat16 is about 1.7x "
         "faster on CPUs with AVX-512 BF16 or "
         "AMX (benchmarks/embed_throughput.py: cosine to fp32 1.000, recall@10 within a point); int8 (linear "
         "layers only, per-token activations) about as fast eager and faster compiled, on CPUs with VNNI "

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from negprep.models import EncoderSpec
+from negprep.input.shards import Shard
+from negprep.models.encoders import EncoderSpec
+from negprep.output.distributions import merge_distributions
 from negprep.paths import File, Files, Folder
-from negprep.report import merge_distributions
-from negprep.shards import Shard
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class MineResult:
     counts: dict[str, int] = field(default_factory=dict)
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     distributions: dict[str, list[int]] = field(default_factory=dict)
-    grouped: dict[str, int] = field(default_factory=dict)  # the grouped exports' counts (negprep.exports)
+    grouped: dict[str, int] = field(default_factory=dict)  # the grouped exports' counts (negprep.output.formats)
 
     @classmethod
     def merge(cls, parts: list[MineResult]) -> MineResult:

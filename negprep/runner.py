@@ -13,10 +13,11 @@ import os
 import time
 from contextlib import contextmanager
 
-from negprep import devices, execution, storage
+from negprep import execution, storage
 from negprep.config import Job
 from negprep.execution import Executor
-from negprep.output import check_output
+from negprep.models import devices
+from negprep.output.writer import check_output
 from negprep.paths import Folder
 from negprep.stages import NAMES, STAGES, Run, Stage
 

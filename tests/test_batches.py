@@ -1,4 +1,4 @@
-"""Batch composition (negprep.batches) on hand-made rows: the invariants every plan must keep."""
+"""Batch composition (negprep.rules.batching) on hand-made rows: the invariants every plan must keep."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from negprep.batches import (
+from negprep.rules.batching import (
     compose,
     conflicting_pairs,
     fill,
@@ -154,7 +154,7 @@ def test_split_files_keeps_batches_whole():
 
 
 def test_rebalance_moves_boundary_queries_until_clusters_fill_whole_batches():
-    from negprep.batches import rebalance
+    from negprep.rules.batching import rebalance
 
     # cluster 0: 6 one-row queries, cluster 1: 4, cluster 2: 2; batch size 4
     cluster = np.array([0] * 6 + [1] * 4 + [2] * 2)
@@ -226,9 +226,9 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
     import pyarrow.parquet as pq
 
     from negprep.config import parse_job
+    from negprep.input.shards import text_key
     from negprep.paths import Folder
     from negprep.schemas import schema
-    from negprep.shards import text_key
     from negprep.stages.batch import compose_plan, passage_id_columns, write_part
 
     texts = {f"p{i}": f"positive {i}" for i in range(8)} | {f"x{i}": f"other {i}" for i in range(8)}
@@ -368,7 +368,7 @@ def test_conflicting_pairs_hand_computed():
 
 
 def test_zscore_caps_follow_the_vetting_rule():
-    from negprep.mining import window_zscores
+    from negprep.rules.mining import window_zscores
 
     window = np.array([[0.1, 0.2, 0.3, 0.9, np.nan], [0.5, 0.5, np.nan, np.nan, np.nan], [0.4] + [np.nan] * 4])
     caps = zscore_caps(window, 1.5)
@@ -504,8 +504,8 @@ def test_guard_conflicts_read_the_scorers_embeddings(tmp_path):
     (from the candidates, written rows or not) as the reference, and a clear error for a missing vector."""
     import pyarrow as pa
 
-    from negprep.embeddings import embedding_table
     from negprep.errors import NegprepError
+    from negprep.models.vectors import embedding_table
     from negprep.paths import Folder
     from negprep.stages.batch import GuardScorer, guard_conflicts
 

@@ -1,7 +1,7 @@
 """Real-GPU checks of the encoder (`pytest -m cuda tests/test_cuda.py`; skipped without CUDA).
 
 This file imports only what the GPU test machine has (torch, transformers, tokenizers, numpy,
-pytest): negprep.models and negprep.devices, never the config, Ray, faiss or polars.
+pytest): negprep.models.encoders and negprep.models.devices, never the config, Ray, faiss or polars.
 tests/test_gpu_imports.py collects it with those blocked, so the device check cannot fail at
 collection.
 """
@@ -11,8 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from negprep import devices
-from negprep.models import GPU_BATCH_SIZE, GPU_BATCH_TOKENS, Encoder, EncoderSpec, text_tokenizer, tokenize_piece
+from negprep.models import devices
+from negprep.models.encoders import (
+    GPU_BATCH_SIZE,
+    GPU_BATCH_TOKENS,
+    Encoder,
+    EncoderSpec,
+    text_tokenizer,
+    tokenize_piece,
+)
 
 
 def _has_cuda() -> bool:

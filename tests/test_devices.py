@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from negprep import devices
 from negprep.config import parse_job
-from negprep.embedding_pool import ShardEmbedder, batching, embed_shard, tokenize_rows
 from negprep.errors import ConfigError
-from negprep.models import GPU_BATCH_TOKENS, Encoder, EncoderSpec, encoder_specs, load_model, piece_bounds
+from negprep.models import devices
+from negprep.models.encoders import GPU_BATCH_TOKENS, Encoder, EncoderSpec, encoder_specs, load_model, piece_bounds
+from negprep.models.pool import ShardEmbedder, batching, embed_shard, tokenize_rows
 from negprep.paths import Folder
 from negprep.runner import run_job
 

@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from negprep import demo, mining
-from negprep.checks import twin_exclusions
+from negprep import demo
 from negprep.config import parse_job
 from negprep.errors import ConfigError
-from negprep.mining import KEEP, REASONS, Rules
+from negprep.input.checks import twin_exclusions
+from negprep.input.shards import text_key
+from negprep.rules import mining
+from negprep.rules.mining import KEEP, REASONS, Rules
 from negprep.runner import run_job
-from negprep.shards import text_key
 from negprep.stages.mine import mine_candidates, rows_for_output
 
 DUP = 1 + REASONS.index("duplicate_of_candidate")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from negprep.embedding_pool import actor_layout
-from negprep.models import Encoder, EncoderSpec, encoder_specs, resolve_model
+from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs, resolve_model
+from negprep.models.pool import actor_layout
 
 from .conftest import shared_data
 
@@ -45,14 +45,14 @@ def test_batching_never_changes_an_embedding(tiny_bert):
 
 
 def test_texts_are_tokenized_in_chunks_without_changing_a_token(tiny_bert, monkeypatch):
-    import negprep.models as models
+    from negprep.models import encoders
 
     spec, _ = encoder_specs(str(tiny_bert), _Cfg())
     enc = Encoder(spec, threads=1)
     texts = [" ".join(["word"] * k) for k in range(0, 300, 7)]
     ref = [enc.tokenizer(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
     whole = enc.encode(texts)
-    monkeypatch.setattr(models, "TOKENIZE_CHUNK", 4)  # 43 texts: ten full chunks and a short one
+    monkeypatch.setattr(encoders, "TOKENIZE_CHUNK", 4)  # 43 texts: ten full chunks and a short one
     flat, starts, lengths = enc.tokenize(texts)
     assert flat.dtype == np.int32 and lengths.tolist() == [len(r) for r in ref]
     assert [flat[s: s + n].tolist() for s, n in zip(starts, lengths, strict=True)] == ref
@@ -76,7 +76,7 @@ def test_compiled_encoder_matches_eager_and_ignores_batching(tiny_bert):
 
 
 def test_int8_encoder_ignores_batching_and_is_cached_apart(tiny_bert):
-    from negprep.quantize import Int8Linear
+    from negprep.models.quantize import Int8Linear
 
     spec, _ = encoder_specs(str(tiny_bert), _Cfg())
     int8 = EncoderSpec(**{**spec.__dict__, "dtype": "int8"})
@@ -94,8 +94,8 @@ def test_int8_encoder_ignores_batching_and_is_cached_apart(tiny_bert):
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_path, dtype):
-    from negprep.export import ensure_exported
-    from negprep.models import OnnxEncoder, make_encoder
+    from negprep.models.encoders import OnnxEncoder, make_encoder
+    from negprep.models.onnx import ensure_exported
     from negprep.paths import Folder
 
     cfg = _Cfg()
@@ -105,7 +105,7 @@ def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_p
     assert spec.key() != torch_spec.key() and spec.export.url == query.export.url  # one export, both prompts
     key = spec.key()
     with pytest.MonkeyPatch.context() as mp:  # another exported graph: its embeddings are cached apart
-        mp.setattr("negprep.export.VERSION", -1)
+        mp.setattr("negprep.models.onnx.VERSION", -1)
         assert spec.key() != key
     assert ensure_exported(spec, spec.export) and not ensure_exported(spec, spec.export)  # made once
     enc = make_encoder(spec, threads=1)
@@ -128,7 +128,7 @@ def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_p
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path, tiny_bert, demo_data):
     from negprep.config import parse_job
     from negprep.errors import ConfigError
-    from negprep.models import check_compiler
+    from negprep.models.encoders import check_compiler
     from negprep.runner import check_job
 
     monkeypatch.delenv("CXX", raising=False)
@@ -147,8 +147,8 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path, tin
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime,dtype", [("torch", "bfloat16"), ("torch", "int8"), ("onnxruntime", "int8")])
 def test_reduced_precision_stays_within_tolerance_of_float32(runtime, dtype, tmp_path):
-    from negprep.export import ensure_exported
-    from negprep.models import make_encoder
+    from negprep.models.encoders import make_encoder
+    from negprep.models.onnx import ensure_exported
     from negprep.paths import Folder
 
     texts = _texts(48)

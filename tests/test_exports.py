@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from negprep.config import parse_job
-from negprep.exports import flagembedding_table, group_rows, tevatron_table
+from negprep.output.formats import flagembedding_table, group_rows, tevatron_table
 from negprep.runner import run_job
 from negprep.schemas import schema
 

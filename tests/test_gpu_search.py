@@ -1,4 +1,4 @@
-"""Flat search on CUDA (negprep.gpu_search) gives exactly the candidates of CPU flat search.
+"""Flat search on CUDA (negprep.index.gpu_knn) gives exactly the candidates of CPU flat search.
 
 CI has no GPU: `NEGPREP_CUDA_ON_CPU=1` runs the CUDA code (float16 matrix, query batches, top-k,
 the wider rounding bound) on CPU tensors, and Ray schedules the index shard actors on logical GPUs.
@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from negprep import gpu_search, index
 from negprep.config import SearchConfig, parse_job
 from negprep.errors import ConfigError
+from negprep.index import faiss_shard, gpu_knn
 from negprep.paths import Folder
 from negprep.schemas import conform
 
@@ -37,13 +37,14 @@ def _emb_table(ids: list[str], vecs: np.ndarray) -> pa.Table:
     return conform(pa.table({"id": ids, "embedding": emb.cast(pa.list_(pa.float32()))}), "embeddings")
 
 
-def _shards(tmp: Path, ids: list[str], vecs: np.ndarray, device: str) -> tuple[index.IndexShard, index.IndexShard]:
+def _shards(tmp: Path, ids: list[str], vecs: np.ndarray,
+            device: str) -> tuple[faiss_shard.IndexShard, faiss_shard.IndexShard]:
     """The same rows as a CPU (faiss) and a CUDA (torch) index shard."""
     folder = Folder(str(tmp))
     folder.write_parquet("c.parquet", _emb_table(ids, vecs))
-    pieces = (index.Piece("c.parquet", 0, len(ids)),)
-    return (index.IndexShard(folder, pieces, SearchConfig(), 1, "cpu"),
-            index.IndexShard(folder, pieces, SearchConfig(), 1, device))
+    pieces = (faiss_shard.Piece("c.parquet", 0, len(ids)),)
+    return (faiss_shard.IndexShard(folder, pieces, SearchConfig(), 1, "cpu"),
+            faiss_shard.IndexShard(folder, pieces, SearchConfig(), 1, device))
 
 
 def _clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray, spread: float) -> np.ndarray:
@@ -127,7 +128,7 @@ def test_near_tie_makes_the_bound_fetch_more(cuda_on_cpu, tmp_path):
     gpu.gpu.knn = counting
     got = gpu.search(q, k, [])
     _same(cpu.search(q, k, []), got)
-    assert wants[0] == k + index.SLACK and len(wants) >= 2 and wants[1] == 4 * wants[0]
+    assert wants[0] == k + faiss_shard.SLACK and len(wants) >= 2 and wants[1] == 4 * wants[0]
     # the first fetch alone would have been wrong: the refetch is what made the answer exact
     first = set(np.array(ids, dtype=object)[firsts[0][0]].tolist())
     assert not set(got[1][0].tolist()) <= first
@@ -142,7 +143,7 @@ def test_near_tie_makes_the_bound_fetch_more(cuda_on_cpu, tmp_path):
     eps = gpu.gpu.bound(q, gpu.max_norm)[0]
     assert np.abs(approx[0] - exact).max() <= eps
     top = np.sort(exact)[::-1]
-    assert top[k - 1] - top[k + index.SLACK] < eps
+    assert top[k - 1] - top[k + faiss_shard.SLACK] < eps
 
 
 @pytest.mark.parametrize("scale", [1.0, 3000.0, 1e-6])
@@ -155,7 +156,7 @@ def test_bound_holds_for_every_score(cuda_on_cpu, scale):
     p[:, :5] *= 1e-6  # entries far below the row's largest: float16 subnormals after scaling
     q = (rng.standard_normal((50, dim)) * scale).astype(np.float32)
     q[:, 5:9] = 0
-    knn = gpu_search.TorchKnn(p, "cuda", score_mb=0.1)
+    knn = gpu_knn.TorchKnn(p, "cuda", score_mb=0.1)
     approx, rows = knn.knn(q, len(p))
     assert np.isfinite(approx).all()
     exact = np.take_along_axis(q.astype(np.float64) @ p.astype(np.float64).T, rows, axis=1)
@@ -173,16 +174,16 @@ def test_query_batch_scales_with_the_gpus_free_memory():
     (the top-k's memory counted), at most 16,384 and 2^31 scores. CUDA-like numbers: CI has no GPU."""
     gib = 1 << 30
     h200 = 139 * gib  # what an H200 has free with a CUDA context and a shard's float16 passages
-    rows = gpu_search.batch_rows_for
+    rows = gpu_knn.batch_rows_for
     assert rows(h200, 1_000_000, 116, 384) >= 1024  # 2,144: 8 GB of float32 scores
-    assert rows(h200, 1_000_000, 116, 384) * 1_000_000 <= gpu_search.MAX_SCORES
+    assert rows(h200, 1_000_000, 116, 384) * 1_000_000 <= gpu_knn.MAX_SCORES
     assert rows(h200, 10_000_000, 116, 384) >= 200  # 214 (2^31 scores), where SCORE_MB gave 13
     assert rows(None, 1_000_000, 116, 384) == (512 << 20) // (4_000_000 + 36 * 116 + 768)  # CPU tensors: 134
-    assert gpu_search.score_budget(h200) == gpu_search.SCORE_MAX
-    assert gpu_search.score_budget(4 * gib) == 2 * gib  # half the free memory
-    assert gpu_search.score_budget(100 << 20) == gpu_search.SCORE_MIN  # the floor
+    assert gpu_knn.score_budget(h200) == gpu_knn.SCORE_MAX
+    assert gpu_knn.score_budget(4 * gib) == 2 * gib  # half the free memory
+    assert gpu_knn.score_budget(100 << 20) == gpu_knn.SCORE_MIN  # the floor
     assert rows(4 * gib, 1_000_000, 116, 384) == 2 * gib // (4_000_000 + 36 * 116 + 768)
-    assert rows(h200, 20_000, 116, 384) == gpu_search.MAX_ROWS  # a small shard: capped
+    assert rows(h200, 20_000, 116, 384) == gpu_knn.MAX_ROWS  # a small shard: capped
     assert rows(h200, 1_000_000, 1_000_000, 384) < rows(h200, 1_000_000, 116, 384)  # the top-k's memory counts
     assert rows(100 << 20, 2_000_000_000, 116, 384) == 1  # never zero
     assert all(rows(f << 30, n, w, 384) >= 1 for f in (0, 1, 80) for n in (1, 10**5, 10**8) for w in (1, 10**4))
@@ -192,24 +193,24 @@ def test_torch_knn_reports_its_query_batch(cuda_on_cpu):
     rng = np.random.default_rng(2)
     p = rng.standard_normal((500, 16)).astype(np.float32)
     q = rng.standard_normal((40, 16)).astype(np.float32)
-    knn = gpu_search.TorchKnn(p, "cuda")
-    assert knn.free_mb is None and knn.score_mb == gpu_search.SCORE_MB and knn.query_batch == 0
+    knn = gpu_knn.TorchKnn(p, "cuda")
+    assert knn.free_mb is None and knn.score_mb == gpu_knn.SCORE_MB and knn.query_batch == 0
     full = knn.knn(q, 10)
-    assert knn.query_batch == knn.batch_rows(10) == gpu_search.MAX_ROWS  # 500 passages: capped
-    small = gpu_search.TorchKnn(p, "cuda", score_mb=0.02)
+    assert knn.query_batch == knn.batch_rows(10) == gpu_knn.MAX_ROWS  # 500 passages: capped
+    small = gpu_knn.TorchKnn(p, "cuda", score_mb=0.02)
     got = small.knn(q, 10)
     assert 1 < small.query_batch < len(q)  # several batches: the same answer
     assert np.array_equal(got[0], full[0]) and np.array_equal(got[1], full[1])
 
 
-def _rescore_shard(tmp: Path, threads: int, device: str = "cpu") -> index.IndexShard:
+def _rescore_shard(tmp: Path, threads: int, device: str = "cpu") -> faiss_shard.IndexShard:
     folder = Folder(str(tmp))
     if not folder.exists("c.parquet"):
         rng = np.random.default_rng(8)
         vecs = rng.standard_normal((3000, 64)).astype(np.float32)
         vecs[2000:2100] = vecs[:100]  # ties
         folder.write_parquet("c.parquet", _emb_table([f"p{(i * 37) % 3000:05d}" for i in range(3000)], vecs))
-    return index.IndexShard(folder, (index.Piece("c.parquet", 0, 3000),), SearchConfig(), threads, device)
+    return faiss_shard.IndexShard(folder, (faiss_shard.Piece("c.parquet", 0, 3000),), SearchConfig(), threads, device)
 
 
 def test_rescoring_on_threads_is_bit_identical(monkeypatch, tmp_path):
@@ -219,8 +220,8 @@ def test_rescoring_on_threads_is_bit_identical(monkeypatch, tmp_path):
     q = rng.standard_normal((300, 64)).astype(np.float32)
     rows = rng.integers(0, 3000, (300, 50))
     rows[::7, -5:] = -1  # fewer rows than wanted: -inf and None
-    monkeypatch.setattr(index, "RESCORE_ELEMENTS", 60_000)  # many small steps
-    monkeypatch.setattr(index, "RESCORE_MIN", 10_000)
+    monkeypatch.setattr(faiss_shard, "RESCORE_ELEMENTS", 60_000)  # many small steps
+    monkeypatch.setattr(faiss_shard, "RESCORE_MIN", 10_000)
     one = _rescore_shard(tmp_path, 1)
     ref = one._rescore(q, rows)
     # the float64 dot product as it was always computed
@@ -229,13 +230,13 @@ def test_rescoring_on_threads_is_bit_identical(monkeypatch, tmp_path):
     assert np.array_equal(ref[0], np.where(rows >= 0, old, -np.inf).astype(np.float32))
     assert ref[0].dtype == np.float32 and np.isneginf(ref[0][::7, -5:]).all() and (ref[1][::7, -5:] == None).all()  # noqa: E711
     steps: list[int] = []
-    real = index._dot64
+    real = faiss_shard._dot64
     for threads in (2, 3, 8):
         many = _rescore_shard(tmp_path, threads)
         steps.clear()
-        monkeypatch.setattr(index, "_dot64", lambda a, b: steps.append(len(a)) or real(a, b))
+        monkeypatch.setattr(faiss_shard, "_dot64", lambda a, b: steps.append(len(a)) or real(a, b))
         got = many._rescore(q, rows)
-        monkeypatch.setattr(index, "_dot64", real)
+        monkeypatch.setattr(faiss_shard, "_dot64", real)
         assert len(steps) > threads and sum(steps) == len(q)  # the work was split, every query once
         assert np.array_equal(got[0], ref[0]) and got[1].tolist() == ref[1].tolist()
         assert many._pool is not None and many._pool._max_workers == threads
@@ -287,7 +288,7 @@ def test_gpu_index_shards_ask_for_their_rescoring_cpus():
 
 
 def test_gpu_search_imports_without_ray_faiss_polars():
-    code = "import sys, negprep.gpu_search; print([m for m in ('ray', 'faiss', 'polars') if m in sys.modules])"
+    code = "import sys, negprep.index.gpu_knn; print([m for m in ('ray', 'faiss', 'polars') if m in sys.modules])"
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
@@ -303,7 +304,7 @@ def test_cuda_shard_without_an_assigned_gpu_is_a_config_error(monkeypatch, tmp_p
 
 
 def test_gpu_layout_spreads_over_gpus_and_sizes_by_gpu_memory(tmp_path):
-    from negprep.shards import Shard
+    from negprep.input.shards import Shard
     from negprep.stages import search
 
     folder = Folder(str(tmp_path))
@@ -315,7 +316,7 @@ def test_gpu_layout_spreads_over_gpus_and_sizes_by_gpu_memory(tmp_path):
     cfg = SearchConfig(device="cuda", shard_mb=0.001)  # shard_mb does not apply on cuda
     shards, need = search.layout(cfg, inputs, "cuda", 4)
     assert [sum(p.stop - p.start for p in s) for s in shards] == [100] * 4  # one per GPU
-    assert need == 100 * index.bytes_per_row(8, cfg)  # host memory: the float32 copy and the ids
+    assert need == 100 * faiss_shard.bytes_per_row(8, cfg)  # host memory: the float32 copy and the ids
     small = SearchConfig(device="cuda", gpu_shard_mb=16 * 60 / 2**20)  # 60 rows of 8 float16
     assert max(sum(p.stop - p.start for p in s) for s in search.layout(small, inputs, "cuda", 1)[0]) <= 60
     assert len(search.layout(SearchConfig(shard_mb=0.001), inputs)[0]) > 10  # the CPU is sized by shard_mb

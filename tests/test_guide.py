@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from negprep.config import parse_job
-from negprep.mining import KEEP, OUTSIDE, REASONS, Rules, classify, reason_counts, window_zscores
+from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, classify, reason_counts, window_zscores
 from negprep.runner import run_job
 from negprep.schemas import schema
 from negprep.stages.mine import dropped_rows, mine_candidates, rows_for_output
@@ -182,7 +182,7 @@ def test_crossencoder_on_cuda_scores_pairs_tokenised_in_a_cpu_task(tmp_path, mon
     tokenizer.json, batched by length, give the CPU path's scores; auto is bfloat16 there."""
     import numpy as np
 
-    from negprep.devices import CUDA_ON_CPU
+    from negprep.models.devices import CUDA_ON_CPU
     from negprep.stages.guide import CrossEncoder, tokenize_pairs
 
     monkeypatch.setenv(CUDA_ON_CPU, "1")

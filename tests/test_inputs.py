@@ -10,11 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from negprep.checks import REASONS, normalise
 from negprep.config import load_job, parse_job
 from negprep.errors import ConfigError, InputError
-from negprep.inputs import fingerprints, input_files
-from negprep.tables import load_table
+from negprep.input.checks import REASONS, normalise
+from negprep.input.files import fingerprints, input_files
+from negprep.input.tables import load_table
 
 CORPUS = [{"_id": f"d{i}", "title": f"T{i}", "text": f"passage {i}"} for i in range(4)]
 QUERIES = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(3)]
@@ -380,7 +380,7 @@ def test_trust_remote_code_is_off_unless_the_job_asks(tmp_path, tiny_bert):
     """A model folder that ships its own Python code: loading it must not run that code."""
     import shutil
 
-    from negprep.models import Encoder, encoder_specs
+    from negprep.models.encoders import Encoder, encoder_specs
 
     marker = tmp_path / "ran"
     model = tmp_path / "custom-model"

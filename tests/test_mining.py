@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from negprep import mining
-from negprep.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds
+from negprep.rules import mining
+from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds
 from negprep.stages.mine import mine_candidates, rows_for_output
 
 CODE = {name: i + 1 for i, name in enumerate(REASONS)}

@@ -24,14 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from negprep import checks, pieces
 from negprep.config import parse_job
 from negprep.errors import InputError
 from negprep.execution import Executor
+from negprep.input import checks, pieces
+from negprep.input.tables import load_table
 from negprep.paths import Folder
 from negprep.stages.base import Run
 from negprep.stages.read import Read
-from negprep.tables import load_table
 
 TINY_MB = 4096 / 2**20  # 4 KiB pieces: dozens of pieces for a few hundred rows
 
@@ -259,8 +259,8 @@ def test_a_killed_read_resumes_from_its_finished_pieces(ray_session, tmp_path):
 # parent's at fork time: the test process, after a suite's worth of tests)
 _PEAK = """
 import json, sys
-from negprep import pieces
-from negprep.checks import check_piece
+from negprep.input import pieces
+from negprep.input.checks import check_piece
 from negprep.config import parse_job
 path, piece_bytes = sys.argv[1], int(sys.argv[2])
 job = parse_job({"input": "x", "output": "o", "model": "m"})

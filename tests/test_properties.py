@@ -13,14 +13,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from negprep import mining
-from negprep.checks import REASONS as INPUT_REASONS
-from negprep.checks import normalise
 from negprep.config import parse_job
 from negprep.errors import InputError
-from negprep.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds, reason_counts
+from negprep.input.checks import REASONS as INPUT_REASONS
+from negprep.input.checks import normalise
+from negprep.input.tables import LINE, parse_table
+from negprep.rules import mining
+from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds, reason_counts
 from negprep.stages.mine import mine_candidates, rows_for_output
-from negprep.tables import LINE, parse_table
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from negprep.quantize import QMAX, Int8Linear, quantize_linears, quantize_rows
+from negprep.models.quantize import QMAX, Int8Linear, quantize_linears, quantize_rows
 
 
 def test_rows_quantize_to_their_own_scale_within_half_a_step():
@@ -70,7 +70,7 @@ def test_onnx_rewrite_runs_the_same_rule_in_onnxruntime():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from negprep.quantize import quantize_onnx
+    from negprep.models.quantize import quantize_onnx
 
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((96, 40)) * np.linspace(0.01, 2, 40)).astype(np.float32)

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from negprep.card import dataset_card, size_category, write_card
 from negprep.cli import main
+from negprep.output.card import dataset_card, size_category, write_card
+from negprep.output.distributions import histograms, merge_distributions
+from negprep.output.report import render, write_report
 from negprep.paths import Folder
-from negprep.report import histograms, merge_distributions, render, write_report
 from negprep.schemas import schema
 
 HEADINGS = ["Inputs", "Scores", "Margins", "Filter funnel", "Negatives per query"]

@@ -24,8 +24,8 @@ import yaml
 from negprep import storage
 from negprep.config import parse_job
 from negprep.errors import ConfigError
+from negprep.output.summary import format_summary
 from negprep.runner import run_job
-from negprep.summary import format_summary
 
 BUCKET = "negprep-test"
 KEY = "AKIDNEGPREPTEST0001"

@@ -20,13 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from negprep import execution, index
+from negprep import execution
 from negprep.config import SearchConfig, parse_job
 from negprep.execution import Executor
+from negprep.index import faiss_shard
+from negprep.input.shards import Shard
 from negprep.paths import Folder
 from negprep.runner import run_job
 from negprep.schemas import conform
-from negprep.shards import Shard
 from negprep.stages import search
 
 # ---------------------------------------------------------------------------------------------
@@ -107,18 +108,18 @@ def _brute_force(v, range_max: int) -> list[tuple[list[str], list[float]]]:
 
 
 def test_plan_shards_balances_and_splits_files():
-    shards = index.plan_shards([("a", 5), ("b", 10), ("c", 1)], 6)
+    shards = faiss_shard.plan_shards([("a", 5), ("b", 10), ("c", 1)], 6)
     assert [sum(p.stop - p.start for p in s) for s in shards] == [6, 6, 4]
-    assert shards[0] == (index.Piece("a", 0, 5), index.Piece("b", 0, 1))
-    assert index.plan_shards([], 10) == []
+    assert shards[0] == (faiss_shard.Piece("a", 0, 5), faiss_shard.Piece("b", 0, 1))
+    assert faiss_shard.plan_shards([], 10) == []
 
 
 def test_top_k_breaks_ties_by_id():
     scores = np.array([[0.5, 0.9, 0.5, 0.5, -np.inf]], np.float32)
     ids = np.array([["c", "z", "a", "b", None]], dtype=object)
-    s, i = index.top_k(scores, ids, 3)
+    s, i = faiss_shard.top_k(scores, ids, 3)
     assert i.tolist() == [["z", "a", "b"]] and s.tolist() == [[pytest.approx(0.9), 0.5, 0.5]]
-    s, i = index.top_k(scores, ids, 7)  # padded
+    s, i = faiss_shard.top_k(scores, ids, 7)  # padded
     assert i.tolist() == [["z", "a", "b", "c", None, None, None]]
 
 
@@ -266,7 +267,7 @@ def test_changes_invalidate_exactly_what_depends_on_them(
     assert stages(m) == (5, 1, 0)
     calls = []
     monkeypatch.setattr("negprep.runner.run_job", lambda job, overwrite, redo: calls.append(redo) or {})
-    monkeypatch.setattr("negprep.summary.format_summary", lambda m: "")
+    monkeypatch.setattr("negprep.output.summary.format_summary", lambda m: "")
     assert main(["run", str(path), "--force"]) == 0 and main(["run", str(path), "--from", "embed"]) == 0
     assert calls == ["read", "embed"]
 

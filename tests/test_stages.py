@@ -77,7 +77,7 @@ def test_from_choices_are_the_stages(tmp_path, monkeypatch):
     path.write_text(json.dumps({"input": str(tmp_path), "output": str(tmp_path / "out")}))
     calls = []
     monkeypatch.setattr("negprep.runner.run_job", lambda job, overwrite, redo: calls.append(redo) or {})
-    monkeypatch.setattr("negprep.summary.format_summary", lambda m: "")
+    monkeypatch.setattr("negprep.output.summary.format_summary", lambda m: "")
     for name in NAMES:
         assert cli.main(["run", str(path), "--from", name]) == 0
     assert cli.main(["run", str(path), "--force"]) == 0

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from negprep import mining
 from negprep.config import parse_job
-from negprep.mining import Rules, balanced, margin_bins
+from negprep.output.summary import format_summary
+from negprep.rules import mining
+from negprep.rules.mining import Rules, balanced, margin_bins
 from negprep.runner import run_job
 from negprep.schemas import schema
 from negprep.stages.mine import mine_candidates, rows_for_output
-from negprep.summary import format_summary
 
 from .conftest import shared_data
 
@@ -177,7 +177,7 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
 def _check_guard(by_batch: dict[int, list[dict]], work, manifest: dict, fmt: str = "triplet") -> None:
     """No written batch holds a passage scoring above another row's threshold for that row's query
     (the job's relative margin below its positive), recomputed from the mining model's embedding files."""
-    from negprep.embeddings import table_vectors
+    from negprep.models.vectors import table_vectors
 
     def vectors(key: str) -> dict[str, np.ndarray]:
         ids, vecs = table_vectors(pq.read_table(work / "embeddings" / key))

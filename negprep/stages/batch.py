@@ -3,13 +3,13 @@
 A global stage after mine, with `batch_size` (TAS-Balanced). The mine tasks write their files to a
 staging folder in the work directory; then one Ray task reads only the id and cluster columns of every staged file,
 looks up a key of each text (the corpus's `text_key`, a hash of the normalised query text), and
-composes the batch plan (`negprep.batches.compose`): integers only, handed to the next tasks
+composes the batch plan (`negprep.rules.batching.compose`): integers only, handed to the next tasks
 through the object store. One Ray task per output file then takes its rows from the staged files,
 adds `batch_id` and writes `data/train-*.parquet`; each output file holds whole batches, in order.
 
 With `batch_guard` (the default) the plan task also keeps apart rows whose passages are labelled
-positives of each other's questions (`negprep.batches.known_positive_pairs`), or positive-like for
-them (`negprep.batches.conflicting_pairs`): under an in-batch loss they would be false negatives.
+positives of each other's questions (`negprep.rules.batching.known_positive_pairs`), or positive-like for
+them (`negprep.rules.batching.conflicting_pairs`): under an in-batch loss they would be false negatives.
 The scores are the model's that vetted the negatives, with its rule: a bi-encoder guide's
 embeddings, margins and z-score rule, else the mining model's (`guard_scorer`). Positive scores
 come from the same embeddings. Only this task reads vectors: the rows' queries, passages and their
@@ -25,14 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from negprep import batches, execution
+from negprep import execution
 from negprep.config import Job
-from negprep.embeddings import table_vectors
 from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources
+from negprep.input.shards import Shard, text_key
+from negprep.models.vectors import table_vectors
 from negprep.paths import File, Files, Folder, stage_key
+from negprep.rules import batching
 from negprep.schemas import conform, spec
-from negprep.shards import Shard, text_key
 from negprep.stages.base import Run, Stage
 from negprep.stages.embed import encoders
 
@@ -142,10 +143,10 @@ def _vectors(files: Files, ids: set[str], what: str) -> tuple[dict[str, int], np
 
 
 def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_ids: np.ndarray,
-                    query_keys: np.ndarray, text_keys: np.ndarray) -> batches.Conflicts:
-    """The `conflicts` callable of `batches.compose` over the staged rows: a passage that is a
-    labelled positive of another row's query (`batches.known_positive_pairs`), and with `scorer`
-    one that scores as positive-like for it under the scorer's rule (`batches.conflicting_pairs`).
+                    query_keys: np.ndarray, text_keys: np.ndarray) -> batching.Conflicts:
+    """The `conflicts` callable of `batching.compose` over the staged rows: a passage that is a
+    labelled positive of another row's query (`batching.known_positive_pairs`), and with `scorer`
+    one that scores as positive-like for it under the scorer's rule (`batching.conflicting_pairs`).
 
     Args:
         query_ids: (n,) each row's query id.
@@ -154,10 +155,10 @@ def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_i
         text_keys: (n, m) each row's passage text keys.
     """
     qkey = np.asarray(query_keys, dtype=np.int64)
-    known = batches.positive_keys(qkey, text_keys)
+    known = batching.positive_keys(qkey, text_keys)
 
     def labelled(rows: np.ndarray) -> np.ndarray:
-        return rows[batches.known_positive_pairs(qkey[rows], text_keys[rows], known)]
+        return rows[batching.known_positive_pairs(qkey[rows], text_keys[rows], known)]
 
     if scorer is None:
         return labelled
@@ -186,10 +187,10 @@ def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_i
             padded = np.full((len(idx), width), np.nan)
             for i, q in enumerate(idx):
                 padded[i, : len(window[q])] = np.asarray(window[q], dtype=np.float64)
-            cap[[qrow[q] for q in idx]] = batches.zscore_caps(padded, scorer.max_zscore)
+            cap[[qrow[q] for q in idx]] = batching.zscore_caps(padded, scorer.max_zscore)
 
     def conflicts(rows: np.ndarray) -> np.ndarray:
-        local = batches.conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
+        local = batching.conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
                                           scorer.relative_margin, scorer.absolute_margin, scorer.max_score,
                                           cap[qi[rows]])
         return np.concatenate([rows[local], labelled(rows)]).reshape(-1, 2)
@@ -207,10 +208,10 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job, cluster
     k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives), clusters)
     conflicts = guard_conflicts(guard, k["query_id"], k["passage_id"], k["query"], k["texts"]) if job.batch_guard \
         else None
-    plan = batches.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
+    plan = batching.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
                            second=k.get("second"), margin=k.get("margin"), conflicts=conflicts)
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
-    cuts = batches.split_files(sizes, max(1, min(files, len(sizes))))
+    cuts = batching.split_files(sizes, max(1, min(files, len(sizes))))
     c = plan.counts
     stats = {
         **c,
@@ -254,7 +255,7 @@ def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File,
     else:
         table = staged.folder.read_parquet(staged.names[0]).slice(0, 0)
     table = table.append_column("batch_id", pa.array(plan["batch_id"][a:b], pa.int32()))
-    # a query moved to its second cluster (batches.rebalance) is written with the cluster it trains in
+    # a query moved to its second cluster (batching.rebalance) is written with the cluster it trains in
     table = table.set_column(table.schema.get_field_index("cluster_id"), "cluster_id",
                              pa.array(plan["cluster"][a:b], pa.int32()))
     groups = tuple(g for g in _groups(table, fmt) if g != "batches") + ("batches",)

@@ -19,8 +19,8 @@ import numpy as np
 
 from negprep import execution
 from negprep.config import Job
-from negprep.embeddings import embedding_table, load_embeddings
 from negprep.execution import Resources
+from negprep.models.vectors import embedding_table, load_embeddings
 from negprep.paths import File, Files, stage_key
 from negprep.results import StageOutput
 from negprep.schemas import conform

@@ -1,18 +1,18 @@
 """Embed stage: the corpus and query shards -> embedding files, on a pool of Ray actors.
 
-The mining model embeds every text shard of the read stage (negprep.embedding_pool) into
+The mining model embeds every text shard of the read stage (negprep.models.pool) into
 `embeddings/<encoder key>/<shard digest>.parquet`: content-addressed, so a rerun, or another job
 over the same texts with the same model and settings, reuses them. With `embed.runtime:
-onnxruntime` the model is first exported to ONNX once into `models/<key>/` (negprep.export).
+onnxruntime` the model is first exported to ONNX once into `models/<key>/` (negprep.models.onnx).
 On CUDA (`embed.device`) the actors hold GPUs and CPU tasks tokenise for them.
 """
 
 from __future__ import annotations
 
 from negprep.config import Job
-from negprep.embedding_pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
 from negprep.execution import Resources
-from negprep.models import check_compiler, encoder_specs, resolve_model
+from negprep.models.encoders import check_compiler, encoder_specs, resolve_model
+from negprep.models.pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
 from negprep.results import Embedded, Encoded
 from negprep.stages.base import Run, Stage
 

@@ -24,16 +24,16 @@ import numpy as np
 import pyarrow as pa
 
 from negprep.config import Job
-from negprep.devices import cuda_on_cpu, torch_device
-from negprep.embedding_pool import EmbedPart, actor_layout, batching, embed_parts, embedder, ensure_exports
-from negprep.embeddings import load_embeddings
 from negprep.errors import NegprepError
 from negprep.execution import Resources, assigned_gpus, each
-from negprep.models import check_compiler, encoder_specs, load_model, prepared_masks_pass, resolve_model
+from negprep.input.shards import Shard, write_shards
+from negprep.models.devices import cuda_on_cpu, torch_device
+from negprep.models.encoders import check_compiler, encoder_specs, load_model, prepared_masks_pass, resolve_model
+from negprep.models.pool import EmbedPart, actor_layout, batching, embed_parts, embedder, ensure_exports
+from negprep.models.vectors import load_embeddings
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
 from negprep.schemas import conform
-from negprep.shards import Shard, write_shards
 from negprep.stages.base import Run, Stage
 
 

@@ -1,6 +1,6 @@
 """Mine stage: candidates -> negatives -> output rows with texts, one Ray task per query shard.
 
-Applies the rules of `negprep.mining` to a query shard's candidates (and its guide scores),
+Applies the rules of `negprep.rules.mining` to a query shard's candidates (and its guide scores),
 joins the texts (queries from the shard, passages looked up by id in the corpus shards), checks
 the rows against the output contract in schemas/ and writes one data file; with `dropped`, also
 every dropped candidate with its rule (schemas/dropped_candidates.yaml). Returns the counts and a
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from negprep import mining
 from negprep.config import Job
 from negprep.execution import Resources
-from negprep.exports import write_exports
-from negprep.output import prepare_output
+from negprep.output.formats import write_exports
+from negprep.output.writer import prepare_output
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import MineResult
+from negprep.rules import mining
 from negprep.schemas import conform, schema
 from negprep.stages.base import Run, Stage
 
@@ -261,7 +261,7 @@ class MineTask:
     dropped: File | None = None  # the audit of dropped candidates
     clusters: File | None = None  # the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`
     embeddings: Files | None = None  # the corpus's embedding files (mining model), for the near-copy rule
-    exports: tuple[str, ...] = ()  # grouped exports, written to `export_to`/<export>/ (negprep.exports)
+    exports: tuple[str, ...] = ()  # grouped exports, written to `export_to`/<export>/ (negprep.output.formats)
     export_to: Folder | None = None
     export_settings: dict | None = None
 

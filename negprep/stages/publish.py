@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-from negprep.manifest import build_manifest
-from negprep.output import finish_output
+from negprep.output.manifest import build_manifest
+from negprep.output.report import publish_docs
+from negprep.output.writer import finish_output
 from negprep.paths import Folder
-from negprep.report import publish_docs
 from negprep.results import ReadResult
 from negprep.stages.base import Run, Stage
 

@@ -1,8 +1,8 @@
 """Read stage: inputs (BEIR directory, separate tables, or a pairs table) -> normalised shards.
 
-Every input file is cut into pieces (negprep.pieces) that Ray tasks read and check at once, each
+Every input file is cut into pieces (negprep.input.pieces) that Ray tasks read and check at once, each
 holding one piece, so worker memory depends on `read.piece_mb`, not on the file. The checks are
-negprep.checks', applied in steps that see only what they need:
+negprep.input.checks', applied in steps that see only what they need:
 
 1. `count`: newlines per byte range of a split text file, so every piece knows its first line;
 2. `check`: each piece through the per-row checks; a corpus piece writes its ids by bucket
@@ -15,7 +15,7 @@ negprep.checks', applied in steps that see only what they need:
    in one task: it holds the queries and qrels, never the corpus.
 
 It writes under `input/<key>/`: `corpus/NNNNN.parquet` and `queries/NNNNN.parquet` shards
-(negprep.shards; contracts in schemas/), `qrels.parquet` (positives of the split),
+(negprep.input.shards; contracts in schemas/), `qrels.parquet` (positives of the split),
 `exclusions.parquet`, `rejected.parquet` (every input row not used, with its reason, line and a
 message; schemas/rejected_input.yaml) and `stats.json` (per input: rows read = used + unused +
 rejected by reason, and the shards), then `_SUCCESS`. Each piece's results are kept under
@@ -33,18 +33,18 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from negprep import checks, pieces
 from negprep.config import Job, PairsInput
 from negprep.execution import Resources
-from negprep.inputs import fingerprints, input_files
+from negprep.input import checks, pieces
+from negprep.input.files import fingerprints, input_files
+from negprep.input.pieces import Piece
+from negprep.input.shards import Shard, text_key, write_shards
+from negprep.input.tables import load_table
 from negprep.paths import Folder, stage_key
-from negprep.pieces import Piece
 from negprep.results import ReadResult
 from negprep.schemas import conform
-from negprep.shards import Shard, text_key, write_shards
 from negprep.stages.base import Run, Stage
 from negprep.storage import redact
-from negprep.tables import load_table
 
 FORMAT = 5  # bump when the normalised tables change shape, so old work directories are not reused
 PIECES_PER_BUCKET = 4  # a bucket holds about as many ids as this many corpus pieces have rows

@@ -3,7 +3,7 @@
 The corpus embedding files are cut into index shards sized by `search.shard_mb` (vectors, ids and
 index structures of one actor), or on `search.device: cuda` by `search.gpu_shard_mb` (the float16
 vectors one GPU holds) and spread over all the cluster's GPUs, one index shard actor per GPU.
-Each `IndexShard` actor (negprep.index) loads its rows from storage once and answers top-k
+Each `IndexShard` actor (negprep.index.faiss_shard) loads its rows from storage once and answers top-k
 calls; one coordinator task per query shard fans its queries out, in batches of
 `search.query_batch`, to every index shard and merges the per-shard top-k. Scores are recomputed
 exactly (float64 dot product, rounded to float32) and ties are broken by passage id, so with
@@ -38,14 +38,14 @@ import pyarrow.parquet as pq
 
 from negprep import execution
 from negprep.config import SearchConfig
-from negprep.embeddings import table_vectors
 from negprep.errors import ConfigError
 from negprep.execution import Executor, Resources
-from negprep.index import IndexShard, Piece, bytes_per_row, plan_shards, top_k
+from negprep.index.faiss_shard import IndexShard, Piece, bytes_per_row, plan_shards, top_k
+from negprep.input.shards import Shard
+from negprep.models.vectors import table_vectors
 from negprep.paths import File, Folder, stage_key
 from negprep.results import StageOutput
 from negprep.schemas import conform
-from negprep.shards import Shard
 from negprep.stages.base import Run, Stage
 
 log = logging.getLogger(__name__)

@@ -131,7 +131,7 @@ def load_table(url: str, storage_options: dict | None = None) -> RawTable:
 def parse_table(data: bytes, fmt: str, url: str, first: int = 1, header: list[str] | None = None) -> RawTable:
     """Parse the bytes of a file in format `fmt` (see `table_format`); `url` names it in messages.
 
-    A piece of a text file (negprep.pieces) starts at line `first`; a CSV/TSV piece after the
+    A piece of a text file (negprep.input.pieces) starts at line `first`; a CSV/TSV piece after the
     first gets the file's `header`.
     """
     if fmt == "jsonl":

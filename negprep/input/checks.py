@@ -22,10 +22,10 @@ import polars as pl
 
 from negprep.config import Job, PairsInput
 from negprep.errors import InputError
-from negprep.inputs import fingerprints, input_files
-from negprep.shards import text_key
+from negprep.input.files import fingerprints, input_files
+from negprep.input.shards import text_key
+from negprep.input.tables import LINE, NOT_UTF8, PREFIX, RawTable, load_table
 from negprep.storage import redact
-from negprep.tables import LINE, NOT_UTF8, PREFIX, RawTable, load_table
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from negprep.devices import resolve_dtype, torch_device
 from negprep.errors import ConfigError
+from negprep.models.devices import resolve_dtype, torch_device
 
 if TYPE_CHECKING:  # the GPU machine has no fsspec-backed Folder to import: only the type is named here
     from negprep.paths import Folder
@@ -155,16 +155,16 @@ class EncoderSpec:
     normalize: bool
     prompt: str
     trust_remote_code: bool = False
-    dtype: str = "float32"  # float32, bfloat16 or int8 (negprep.quantize)
+    dtype: str = "float32"  # float32, bfloat16 or int8 (negprep.models.quantize)
     compile: bool = False  # torch.compile: fused kernels round differently from eager ones
     runtime: str = "torch"  # or onnxruntime: other kernels, other last bits
-    device: str = "cpu"  # or cuda (negprep.devices): GPU kernels round differently from CPU ones
-    # where the onnxruntime export lives (negprep.export); not part of the key: any copy of the
+    device: str = "cpu"  # or cuda (negprep.models.devices): GPU kernels round differently from CPU ones
+    # where the onnxruntime export lives (negprep.models.onnx); not part of the key: any copy of the
     # same export gives the same embeddings
     export: Folder | None = field(default=None, compare=False)
 
     def key(self) -> str:
-        from negprep.export import export_key  # only for onnxruntime; keeps fsspec out of the GPU imports
+        from negprep.models.onnx import export_key  # only for onnxruntime; keeps fsspec out of the GPU imports
 
         # PAD_STEP is part of the key: embeddings padded differently differ in the last bits
         # so is the export's graph (export_key: its opset and version too): another graph, other bits
@@ -178,8 +178,8 @@ class EncoderSpec:
 def encoder_specs(model_dir: str, cfg, work: Folder | None = None,
                   device: str = "cpu") -> tuple[EncoderSpec, EncoderSpec]:
     """(passage spec, query spec) of a model directory under an EmbedConfig-like `cfg` on a resolved
-    `device` (negprep.devices); with runtime onnxruntime, the specs name the export's folder under
-    `work` (negprep.export)."""
+    `device` (negprep.models.devices); with runtime onnxruntime, the specs name the export's folder under
+    `work` (negprep.models.onnx)."""
     fp = model_fingerprint(model_dir)
     pooling = detect_pooling(model_dir) if cfg.pooling == "auto" else cfg.pooling
     common = (model_dir, fp, pooling, cfg.max_length, cfg.normalize)
@@ -187,7 +187,7 @@ def encoder_specs(model_dir: str, cfg, work: Folder | None = None,
     rest = (cfg.trust_remote_code, dtype, getattr(cfg, "compile", False), getattr(cfg, "runtime", "torch"), device)
     specs = (EncoderSpec(*common, cfg.passage_prompt, *rest), EncoderSpec(*common, cfg.query_prompt, *rest))
     if specs[0].runtime == "onnxruntime" and work is not None:
-        from negprep.export import export_key
+        from negprep.models.onnx import export_key
 
         specs = tuple(replace(s, export=work.sub("models", export_key(s))) for s in specs)
     return specs
@@ -203,7 +203,7 @@ class Encoder:
 
     On the CPU, `spec.dtype` bfloat16 loads the weights in bfloat16 (AVX-512 BF16 / AMX CPUs
     multiply them at up to twice the fp32 rate); int8 runs the linear layers as exact integer GEMMs
-    on per-token quantised activations (negprep.quantize); pooling and normalisation stay in fp32
+    on per-token quantised activations (negprep.models.quantize); pooling and normalisation stay in fp32
     either way. `spec.compile` runs the model through torch.compile with dynamic shapes (and frozen
     weights but for int8): one compile serves every batch shape, and an embedding still depends only
     on its text (tests/test_embed.py).
@@ -213,7 +213,7 @@ class Encoder:
     Token ids arrive in pieces (`encode_pieces`, tokenised by CPU tasks) and batches run as soon as
     they fill, so the GPU starts on a shard's first piece; a batch is copied from a pinned buffer
     without waiting, nothing waits for the GPU per batch, and the vectors stay on the GPU until the
-    shard ends. Under the test switch (negprep.devices) the same path runs on CPU tensors.
+    shard ends. Under the test switch (negprep.models.devices) the same path runs on CPU tensors.
     """
 
     def __init__(self, spec: EncoderSpec, threads: int = 1):
@@ -234,7 +234,7 @@ class Encoder:
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
         self.model = load_model(AutoModel, spec.model_dir, dtype, kw, sdpa=self.gpu).eval().to(self.device)
         if spec.dtype == "int8":
-            from negprep.quantize import quantize_linears
+            from negprep.models.quantize import quantize_linears
 
             quantize_linears(self.model)
             release_free_memory()  # the fp32 weights just replaced
@@ -581,7 +581,7 @@ def token_arrays(token_ids, texts: list[str]) -> tuple[np.ndarray, np.ndarray, n
 
 class OnnxEncoder(Encoder):
     """The same encoder run by onnxruntime from its export (`embed.runtime: onnxruntime`,
-    negprep.export): no torch or transformers in the process, so an actor needs about half the
+    negprep.models.onnx): no torch or transformers in the process, so an actor needs about half the
     memory. Batching, padding widths and tokenisation chunks are the Encoder's; the graph's ops and
     the pooling here work row by row, so a text's embedding still depends on nothing else in its
     batch."""

@@ -4,7 +4,7 @@ alone, and the input check of `negprep validate`."""
 from __future__ import annotations
 
 from negprep.config import Job
-from negprep.mining import REASONS
+from negprep.rules.mining import REASONS
 
 
 def _n(x: int) -> str:

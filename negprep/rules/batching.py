@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from negprep.mining import margin_thresholds, row_seed
+from negprep.rules.mining import margin_thresholds, row_seed
 
 #: rows (indices into compose's input) -> (k, 2) pairs of those rows that must not share a batch
 Conflicts = Callable[[np.ndarray], np.ndarray]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 import pyarrow.parquet as pq
 
 from negprep.errors import InputError
+from negprep.input.tables import RawTable, compression, csv_header, decompress, parquet_table, parse_table, table_format
 from negprep.paths import locate
-from negprep.tables import RawTable, compression, csv_header, decompress, parquet_table, parse_table, table_format
 
 _CHUNK = 1 << 20  # bytes read at a time while looking for a line start or counting newlines
 

@@ -5,7 +5,7 @@
 score matrix (and top-k) fits a score buffer: on CUDA a share of the GPU's free memory once the
 passages are on it (`score_budget`, `query_rows`), on CPU tensors a fixed `SCORE_MB`. The scores
 are approximate; `bound(q)` gives, per query, a proven bound on |approximate - exact| for every
-passage, so the caller (negprep.index.IndexShard) can rescore the returned rows exactly and know
+passage, so the caller (negprep.index.faiss_shard.IndexShard) can rescore the returned rows exactly and know
 when a row that was not returned could still reach its k-th exact score (then it fetches more).
 That is how GPU flat search gives exactly the candidates of CPU flat search.
 
@@ -20,7 +20,7 @@ Precision by device:
   float16 matmul on the CPU, the matrix is kept in float32 and the bound is the float32 one
   (`TorchKnn.dtype` says which).
 
-Imports only numpy, torch and the standard library (and negprep.devices), so it loads where Ray,
+Imports only numpy, torch and the standard library (and negprep.models.devices), so it loads where Ray,
 faiss and polars are not installed.
 """
 
@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from negprep import devices
+from negprep.models import devices
 
 log = logging.getLogger(__name__)
 

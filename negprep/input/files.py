@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from negprep.config import Job, PairsInput, TablesInput
 from negprep.errors import InputError
+from negprep.input.tables import table_format
 from negprep.paths import locate
 from negprep.storage import explain
-from negprep.tables import table_format
 
 
 def input_files(job: Job) -> dict[str, str]:

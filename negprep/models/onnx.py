@@ -46,7 +46,8 @@ def ensure_exported(spec, folder: Folder) -> bool:
     if folder.exists("_SUCCESS"):
         return False
     with tempfile.TemporaryDirectory(prefix="negprep-export-") as tmp:
-        args = [sys.executable, "-m", "negprep.export", spec.model_dir, spec.dtype, str(spec.trust_remote_code), tmp]
+        args = [sys.executable, "-m", "negprep.models.onnx", spec.model_dir, spec.dtype, str(spec.trust_remote_code),
+                tmp]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         done = subprocess.run(args, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -88,7 +89,7 @@ def export(model_dir: str, dtype: str, trust_remote_code: bool, out: str) -> Non
     if dtype == "int8":
         import onnx
 
-        from negprep.quantize import quantize_onnx
+        from negprep.models.quantize import quantize_onnx
 
         graph = onnx.load(str(path))
         quantize_onnx(graph)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from negprep import storage
-from negprep.report import histograms
+from negprep.output.distributions import histograms
 
 if TYPE_CHECKING:
     from negprep.stages.base import Run

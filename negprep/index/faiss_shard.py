@@ -7,7 +7,7 @@ passage id (`top_k`), so merging the shards' top-k gives the candidates of one e
 the whole corpus. `ivf` and `hnsw` build an approximate faiss index per shard.
 
 On `search.device: cuda` a flat shard finds its neighbours with a half-precision matmul on the
-GPU (negprep.gpu_search) instead of faiss, with a wider (proven) rounding bound; the rescoring,
+GPU (negprep.index.gpu_knn) instead of faiss, with a wider (proven) rounding bound; the rescoring,
 ties and bound check are the same, so the candidates are those of CPU flat search. The rescoring
 runs on the actor's `threads` (on CUDA the CPUs it asks Ray for), with the same result on any
 number of them.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from negprep.config import SearchConfig
-from negprep.embeddings import table_vectors
+from negprep.models.vectors import table_vectors
 from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class IndexShard:
     def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int,
                  device: str = "cpu"):
         # flat on CUDA: the exact path's neighbours come from a half-precision matmul on the GPU
-        # (negprep.gpu_search) instead of faiss; everything after (rescoring, ties, bound) is shared
+        # (negprep.index.gpu_knn) instead of faiss; everything after (rescoring, ties, bound) is shared
         gpu = cfg.index == "flat" and device == "cuda"
         if gpu:
             _check_gpu_assigned()
@@ -152,7 +152,7 @@ class IndexShard:
         self.index = _build_index(self.vecs, cfg) if cfg.index != "flat" else None
         self.gpu = None
         if gpu:
-            from negprep.gpu_search import TorchKnn
+            from negprep.index.gpu_knn import TorchKnn
 
             self.gpu = TorchKnn(self.vecs, "cuda", threads=threads)
         on = ""
@@ -243,8 +243,9 @@ class IndexShard:
 
 def _check_gpu_assigned() -> None:
     """An index shard on CUDA must hold a GPU from Ray (it then sees it as cuda:0)."""
-    from negprep import devices, execution
+    from negprep import execution
     from negprep.errors import ConfigError
+    from negprep.models import devices
 
     if not devices.cuda_on_cpu() and not execution.assigned_gpus():
         raise ConfigError("search.device: cuda, but Ray assigned this index shard actor no GPU "

@@ -3,7 +3,7 @@
 `auto` (the default) is CUDA when the Ray cluster offers GPUs (a local Ray: when this machine has
 one) and the CPU otherwise, and `dtype: auto` the fastest precision within tolerance there;
 `cuda` with no GPU in the cluster is one line and exit 2 before any work starts. Imports nothing
-but the standard library, so the GPU code (negprep.models, negprep.gpu_search) stays importable
+but the standard library, so the GPU code (negprep.models.encoders, negprep.index.gpu_knn) stays importable
 where Ray, faiss and polars are not installed.
 
 `NEGPREP_CUDA_ON_CPU=1` is a test switch: code that was given CUDA runs its CUDA path (batching,

@@ -2,7 +2,7 @@
 
 Built from the manifest alone, so `negprep report OUTPUT` rebuilds it from a published dataset. The
 runner stores what the plots need in `manifest["histograms"]` (fixed-bin histograms of the mine
-tasks' score samples, exact count distributions), computed here by `histograms`.
+tasks' score samples, exact count distributions), computed by `negprep.output.distributions`.
 """
 
 from __future__ import annotations
@@ -18,89 +18,12 @@ from typing import Any
 import numpy as np
 
 from negprep.errors import InputError
+from negprep.output.distributions import edges_for, hist_counts
 from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
 
-BINS = 40  # score and margin histograms; fixed so reports of different runs compare by eye
 POS, NEG, THIRD = "#2f6db5", "#d9663b", "#5a9e4b"
-
-
-# ---------------------------------------------------------------------------------------------
-# Histogram data for the manifest
-
-
-def _edges(*arrays: np.ndarray, bins: int = BINS) -> np.ndarray | None:
-    data = [np.asarray(a, dtype=np.float64) for a in arrays if a is not None and len(a)]
-    data = [a[np.isfinite(a)] for a in data]
-    data = [a for a in data if len(a)]
-    if not data:
-        return None
-    lo, hi = min(float(a.min()) for a in data), max(float(a.max()) for a in data)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
-
-
-def _counts(a: np.ndarray | None, edges: np.ndarray) -> list[int]:
-    if a is None or not len(a):
-        return [0] * (len(edges) - 1)
-    a = np.asarray(a, dtype=np.float64)
-    return np.histogram(a[np.isfinite(a)], bins=edges)[0].astype(int).tolist()
-
-
-def _shared(samples: dict[str, np.ndarray], names: dict[str, str]) -> dict | None:
-    """Histograms of several samples over one set of edges (so their bars line up)."""
-    arrays = {label: samples.get(key) for label, key in names.items()}
-    edges = _edges(*arrays.values())
-    if edges is None:
-        return None
-    out: dict[str, Any] = {"edges": [round(float(e), 6) for e in edges]}
-    for label, a in arrays.items():
-        out[label] = _counts(a, edges)
-    out["sampled"] = {label: 0 if a is None else int(len(a)) for label, a in arrays.items()}
-    return out
-
-
-def merge_distributions(parts: Sequence[dict[str, Sequence[int]]]) -> dict[str, list[int]]:
-    """Element-wise sums of the mine tasks' exact count distributions (lists indexed by value)."""
-    out: dict[str, list[int]] = {}
-    for part in parts:
-        for key, counts in (part or {}).items():
-            acc = out.setdefault(key, [])
-            if len(acc) < len(counts):
-                acc.extend([0] * (len(counts) - len(acc)))
-            for i, c in enumerate(counts):
-                acc[i] += int(c)
-    return out
-
-
-def histograms(samples: dict[str, np.ndarray], distributions: dict[str, list[int]] | None = None) -> dict:
-    """The manifest's `histograms`: what the report plots, small enough to keep in JSON.
-
-    Args:
-        samples: the mine tasks' concatenated samples (positive_scores, negative_scores, margins,
-            negative_ranks, kept_scores, dropped_scores and the guide's, as far as present).
-        distributions: exact counts indexed by value (negatives_per_pair, kept_per_query).
-    """
-    out: dict[str, Any] = {}
-    specs = {
-        "scores": {"positive": "positive_scores", "negative": "negative_scores"},
-        "candidate_scores": {"kept": "kept_scores", "dropped": "dropped_scores"},
-        "guide_scores": {"positive": "positive_guide_scores", "negative": "negative_guide_scores"},
-        "margins": {"margin": "margins"},
-    }
-    for name, names in specs.items():
-        if any(samples.get(k) is not None and len(samples[k]) for k in names.values()):
-            h = _shared(samples, names)
-            if h:
-                out[name] = h
-    ranks = samples.get("negative_ranks")
-    if ranks is not None and len(ranks):
-        out["negative_ranks"] = {"counts": np.bincount(np.asarray(ranks, dtype=np.int64)).astype(int).tolist()}
-    for key, counts in (distributions or {}).items():
-        out[key] = {"counts": [int(c) for c in counts]}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +266,8 @@ def _clusters(m: dict) -> str:
         if arr.max() <= 60:  # exact: one bar per size
             out += counts_svg(np.bincount(arr).tolist(), "queries per cluster", "clusters", "cluster sizes")
         else:
-            edges = _edges(arr)
-            h = {"edges": edges.tolist(), "clusters": _counts(arr, edges)}
+            edges = edges_for(arr)
+            h = {"edges": edges.tolist(), "clusters": hist_counts(arr, edges)}
             out += hist_svg(h, [("clusters", "clusters", POS)], "queries per cluster", "cluster sizes")
     return out
 
@@ -470,7 +393,7 @@ def rebuild(output: str, card: bool = False, storage_options: dict | None = None
         raise InputError(f"{output}/manifest.json: not valid JSON: {e}") from None
     written = [write_report(out, manifest)]
     if card:
-        from negprep.card import write_card
+        from negprep.output.card import write_card
 
         written.append(write_card(out, manifest))
     return written
@@ -479,7 +402,7 @@ def rebuild(output: str, card: bool = False, storage_options: dict | None = None
 def publish_docs(out: Folder, manifest: dict) -> None:
     """README.md and report.html next to the data. A failure here costs the page, never the run:
     it is logged, and `negprep report OUTPUT --card` rebuilds both from the manifest."""
-    from negprep.card import write_card
+    from negprep.output.card import write_card
 
     for write in (write_card, write_report):
         try:

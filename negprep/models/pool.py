@@ -25,11 +25,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from negprep.config import EmbedConfig
-from negprep.devices import cuda_on_cpu
-from negprep.embeddings import embedding_table
 from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources, assigned_gpus, each, node_id
-from negprep.models import (
+from negprep.input.shards import Shard
+from negprep.models.devices import cuda_on_cpu
+from negprep.models.encoders import (
     GPU_BATCH_SIZE,
     GPU_BATCH_TOKENS,
     Encoder,
@@ -39,9 +39,9 @@ from negprep.models import (
     text_tokenizer,
     tokenize_piece,
 )
+from negprep.models.vectors import embedding_table
 from negprep.paths import File, Folder
 from negprep.results import Encoded
-from negprep.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,9 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
 
 def ensure_exports(encoded: list[Encoded], force: bool = False) -> float | None:
     """Export the model of each onnxruntime encoder into its export folder unless a previous run
-    did (negprep.export; a child process, so no torch stays in the driver); the seconds it took,
+    did (negprep.models.onnx; a child process, so no torch stays in the driver); the seconds it took,
     None when no model runs on onnxruntime."""
-    from negprep.export import ensure_exported
+    from negprep.models.onnx import ensure_exported
 
     seconds = None
     for spec in {e.spec.export.url: e.spec for e in encoded if e.spec.runtime == "onnxruntime"}.values():
