@@ -10,7 +10,7 @@ import os
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from negprep.errors import ConfigError
 
@@ -268,7 +268,7 @@ class Job(_Strict):
 
     guide: GuideConfig | None = None
     dropped: str | None = Field(None, description="write the dropped candidates, with rule and scores, here")
-    exports: list[Literal["flagembedding", "tevatron"]] = Field(
+    exports: list[str] = Field(
         default_factory=list, description="grouped exports next to data/: one row per query, for FlagEmbedding "
         "(flagembedding/*.jsonl) and Tevatron (tevatron/*.parquet)")
     export: ExportConfig = ExportConfig()
@@ -302,6 +302,15 @@ class Job(_Strict):
             # --overwrite empties the output folder: it would delete the work directory mid-run
             raise ValueError(f"work_dir ({self.work}) and output ({self.output}) must not contain one another")
         return self
+
+    @field_validator("exports")
+    @classmethod
+    def _exports(cls, names: list[str]) -> list[str]:
+        from negprep.output.formats import EXPORTS
+
+        if unknown := [n for n in names if n not in EXPORTS]:
+            raise ValueError(f"unknown export {unknown[0]!r}: negprep writes {', '.join(EXPORTS)}")
+        return names
 
     @model_validator(mode="after")
     def _storage(self) -> Job:

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from negprep.config import parse_job
-from negprep.output.formats import flagembedding_table, group_rows, tevatron_table
+from negprep.output.formats import EXPORTS, group_rows
+from negprep.output.formats.flagembedding import flagembedding_table
+from negprep.output.formats.tevatron import tevatron_table
 from negprep.runner import run_job
 from negprep.schemas import schema
 
@@ -43,6 +45,19 @@ def _rows(fmt: str) -> pa.Table:
     cols["query"] = [f"query {q}" for q in cols["query_id"]]
     cols["positive"] = [f"text {p}" for p in cols["positive_id"]]
     return pa.table(cols)
+
+
+def test_each_export_is_one_registry_entry_with_its_contract_and_unknown_names_fail_at_config_time(tmp_path):
+    from negprep.errors import ConfigError
+
+    assert list(EXPORTS) == ["flagembedding", "tevatron"]
+    for name, e in EXPORTS.items():
+        assert e.name == name and (ROOT / "schemas" / f"{name}.yaml").exists()
+        assert any(name.lower() in line.lower() for line in e.card_lines("OUT", {}))  # the card says how to train
+    job = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "m"}
+    assert parse_job({**job, "exports": ["tevatron"]}).exports == ["tevatron"]
+    with pytest.raises(ConfigError, match="exports: unknown export 'sbert': negprep writes flagembedding, tevatron"):
+        parse_job({**job, "exports": ["tevatron", "sbert"]})
 
 
 @pytest.mark.parametrize("fmt", ["triplet", "ntuple"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from negprep.output.formats import EXPORTS
 from negprep.paths import Folder
 from negprep.schemas import spec
 
@@ -71,9 +72,10 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
     # configs that select columns: straight into sentence-transformers' losses, no select_columns or map
     configs.append({"config_name": "mnrl", "data_files": data, "columns": text_cols})
     configs.append({"config_name": "distill", "data_files": data, "columns": [*text_cols, "scores"]})
-    exports = m.get("exports") or {}
-    if "tevatron" in exports:
-        configs.append({"config_name": "tevatron", "data_files": [{"split": "train", "path": "tevatron/*.parquet"}]})
+    for name in m.get("exports") or {}:
+        e = EXPORTS.get(name)
+        if e is not None and e.card_config:
+            configs.append({"config_name": name, "data_files": [{"split": "train", "path": f"{name}/*{e.suffix}"}]})
     if rejected:
         configs.append({"config_name": "rejected_input", "data_files": [{"split": "train", "path": rejected}]})
     # datasets caches a local folder under its name and a hash of its card, never of the data files: a card that
@@ -222,21 +224,10 @@ def _exports_section(m: dict, out_path: str, n: int) -> list[str]:
         lines.append(f"| {name} | `{e['path']}/` | {e['queries']:,} | {e['positives']:,} | {e['negatives']:,} | "
                      f"{e['negatives_merged']:,} |")
     lines.append("")
-    if "flagembedding" in exports:
-        temp = (m.get("config") or {}).get("export", {}).get("flagembedding_temperature")
-        lines += [
-            f"- FlagEmbedding: `--train_data {out_path}/flagembedding` (JSONL with `query`, `pos`, `neg`, "
-            "`pos_scores`, `neg_scores`); add `--knowledge_distillation true` to train on the teacher scores. "
-            "FlagEmbedding applies a softmax to `pos_scores`/`neg_scores` with no temperature, so raw cosine "
-            "scores give nearly flat targets: "
-            + (f"these are divided by {temp} (`export.flagembedding_temperature`)." if temp else
-               "these are raw; set `export.flagembedding_temperature` (e.g. 0.05) to sharpen them."),
-            "  FlagEmbedding needs `transformers<5`: run it in an environment of its own.",
-        ]
-    if "tevatron" in exports:
-        lines.append(f"- Tevatron: `--dataset_name {out_path} --dataset_config tevatron` (or `--dataset_name parquet "
-                     f"--dataset_path '{out_path}/tevatron/*.parquet'`), for `driver.train` and `driver.train_distil` "
-                     "(every passage has its `score`).")
+    cfg = m.get("config") or {}
+    for name, e in EXPORTS.items():  # the registry's order, whatever the job's
+        if name in exports:
+            lines += e.card_lines(out_path, cfg)
     lines += [
         f"- Both default to `train_group_size` 8 and repeat negatives when a query has fewer than "
         f"train_group_size - 1: this data has up to {n} per (query, positive), so pass "
