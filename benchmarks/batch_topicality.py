@@ -1,4 +1,4 @@
-"""How topical the topic batches are: the share of rows in single-cluster batches, and rows dropped.
+"""How topical the topic batches are: the share of rows in single-cluster batches, and rows left out.
 
 SciFact train, all-MiniLM-L6-v2, `batch_size: 32`, 1 and 5 negatives, the default cluster count
 and an explicit `clusters: 16`, each with the in-batch guard off and on (`batch_guard`: rows whose
@@ -44,9 +44,9 @@ def main() -> None:
             row = {"negatives": negatives, "batch_guard": guard, "clusters": c["k"], "derived_k": c["derived_k"],
                    "rows": b["rows"],
                    "single_cluster_share": round((b["rows_batched"] - b["rows_merged"]) / b["rows"], 4),
-                   "dropped_share": round(b["rows_dropped"] / b["rows"], 4), "batches": b["batches"],
+                   "dropped_share": round(b["rows_left_out"] / b["rows"], 4), "batches": b["batches"],
                    "batches_mixed": b["batches_mixed"], "cluster_sizes": c["sizes"],
-                   **{k: b.get(k, 0) for k in ("guard_pairs", "guard_pairs_separated", "rows_dropped_by_guard")}}
+                   **{k: b.get(k, 0) for k in ("guard_pairs", "guard_pairs_separated", "rows_left_out_by_guard")}}
             results.append(row)
             print(f"guard {'on ' if guard else 'off'}  negatives {negatives}  "
                   f"k {c['k']:>3}{' (derived)' if c['derived_k'] else '          '}  rows "

@@ -117,7 +117,7 @@ def mine(name: str, data: str, work: Path) -> dict:
     info["same_negative_as_naive"] = same_as_naive(work, name)
     if m.get("batches"):
         info["batches"] = {k: m["batches"].get(k) for k in
-                           ("batches", "batches_mixed", "rows", "rows_dropped", "single_cluster_share")}
+                           ("batches", "batches_mixed", "rows", "rows_left_out", "single_cluster_share")}
     return info
 
 

@@ -26,7 +26,7 @@ class ReadResult:
     passages: int
     queries: int
     positives: int
-    rejected_rows: int
+    rows_rejected: int
     inputs: dict
     exclusions_count: int = 0  # (query, passage) pairs removed from a query's candidates: its twins' positives
 
@@ -34,14 +34,15 @@ class ReadResult:
     def load(cls, folder: Folder) -> ReadResult:
         s = folder.read_json("stats.json")
         corpus, queries = (tuple(map(Shard.from_dict, s[k])) for k in ("corpus_shards", "query_shards"))
-        return cls(folder, corpus, queries, s["passages"], s["queries"], s["positives"], s["rejected_rows"],
+        return cls(folder, corpus, queries, s["passages"], s["queries"], s["positives"],
+                   s.get("rows_rejected", s.get("rejected_rows")),  # a work directory of negprep <= 0.1 (old key)
                    s["inputs"], s.get("exclusions", 0))
 
     def stats(self) -> dict:
         """What stats.json holds."""
         return {"inputs": self.inputs, "corpus_shards": [s.to_dict() for s in self.corpus_shards],
                 "query_shards": [s.to_dict() for s in self.query_shards], "passages": self.passages,
-                "queries": self.queries, "positives": self.positives, "rejected_rows": self.rejected_rows,
+                "queries": self.queries, "positives": self.positives, "rows_rejected": self.rows_rejected,
                 "exclusions": self.exclusions_count}
 
     @property

@@ -31,10 +31,10 @@ def check_plan(cluster, query, texts, batch_size, partial, plan) -> None:
     c = plan.counts
     # every row exactly once, unless dropped and counted
     assert len(plan.order) == len(set(plan.order.tolist())) == c["rows_batched"]
-    assert c["rows_batched"] + c["rows_dropped"] == c["rows"] == n
+    assert c["rows_batched"] + c["rows_left_out"] == c["rows"] == n
     assert plan.order.min(initial=0) >= 0 and plan.order.max(initial=-1) < n
     if partial == "keep":
-        assert c["rows_dropped"] == 0 and sorted(plan.order.tolist()) == list(range(n))
+        assert c["rows_left_out"] == 0 and sorted(plan.order.tolist()) == list(range(n))
     # batches are contiguous and numbered 0, 1, ... in output order
     bid = plan.batch_id
     assert len(bid) == len(plan.order)
@@ -64,7 +64,7 @@ def test_triplets_of_one_cluster_fill_whole_batches():
     texts = np.stack([100 + q, 1000 + np.arange(24)], axis=1)
     plan = compose(np.zeros(24), q, texts, 4, seed=1)
     check_plan(np.zeros(24), q, texts, 4, "merge", plan)
-    assert plan.counts["batches"] == 6 and plan.counts["rows_dropped"] == 0 and plan.counts["batches_mixed"] == 0
+    assert plan.counts["batches"] == 6 and plan.counts["rows_left_out"] == 0 and plan.counts["batches_mixed"] == 0
 
 
 def test_shared_negative_never_twice_in_a_batch():
@@ -94,9 +94,9 @@ def test_cluster_ends(partial):
     check_plan(cluster, q, texts, 2, partial, plan)
     c = plan.counts
     if partial == "merge":  # the two leftover rows (one per cluster) make one mixed batch
-        assert (c["batches"], c["batches_mixed"], c["rows_merged"], c["rows_dropped"]) == (4, 1, 2, 0)
+        assert (c["batches"], c["batches_mixed"], c["rows_merged"], c["rows_left_out"]) == (4, 1, 2, 0)
     elif partial == "drop":
-        assert (c["batches"], c["rows_dropped"]) == (3, 2)
+        assert (c["batches"], c["rows_left_out"]) == (3, 2)
     else:
         assert (c["batches"], c["batches_short"]) == (5, 2)
 
@@ -108,7 +108,7 @@ def test_merge_drops_what_cannot_fill_a_batch_and_counts_it():
     texts = np.array([[1, 2], [1, 3], [1, 4]])
     plan = compose(cluster, q, texts, 2, seed=0, partial="merge")
     check_plan(cluster, q, texts, 2, "merge", plan)
-    assert plan.counts["rows_dropped"] == 3 and plan.counts["batches"] == 0
+    assert plan.counts["rows_left_out"] == 3 and plan.counts["batches"] == 0
 
 
 def test_seeded_and_shuffled():
@@ -440,10 +440,10 @@ def test_guard_keeps_conflicting_rows_apart(partial):
         bare = compose(cluster, query, texts, batch_size, trial, partial)
         c = plan.counts
         assert c["guard_pairs"] == len(pairs) and c["guard_pairs_separated"] == _together(bare, pairs) > 0
-        assert c["rows_dropped_by_guard"] == max(0, c["rows_dropped"] - bare.counts["rows_dropped"])
+        assert c["rows_left_out_by_guard"] == max(0, c["rows_left_out"] - bare.counts["rows_left_out"])
         # one call per cluster before packing it, then one on the merge pool
         assert [len(set(cluster[r].tolist())) for r in calls[:4]] == [1, 1, 1, 1]
-        pooled = c["rows_merged"] + c["rows_dropped"]  # with merge: every leftover, mixed or dropped
+        pooled = c["rows_merged"] + c["rows_left_out"]  # with merge: every leftover, mixed or dropped
         assert len(calls) == 4 + (partial == "merge" and pooled >= 2)
 
 
@@ -460,7 +460,7 @@ def test_guard_invariants_hold_for_any_rows_and_pairs(rows, batch_size, partial,
     assert _together(plan, pairs[pairs[:, 0] != pairs[:, 1]]) == 0
     c = plan.counts
     assert 0 <= c["guard_pairs_separated"] <= c["guard_pairs"] <= len(pairs)
-    assert 0 <= c["rows_dropped_by_guard"] <= c["rows_dropped"]
+    assert 0 <= c["rows_left_out_by_guard"] <= c["rows_left_out"]
 
 
 def test_guard_pairs_across_clusters_are_kept_out_of_mixed_batches():
@@ -472,8 +472,8 @@ def test_guard_pairs_across_clusters_are_kept_out_of_mixed_batches():
     plan = compose(cluster, q, texts, 2, seed=3, conflicts=_guard(every))
     check_plan(cluster, q, texts, 2, "merge", plan)
     c = plan.counts
-    assert (c["batches"], c["batches_mixed"], c["rows_dropped"]) == (3, 0, 2)
-    assert (c["guard_pairs"], c["guard_pairs_separated"], c["rows_dropped_by_guard"]) == (1, 1, 2)
+    assert (c["batches"], c["batches_mixed"], c["rows_left_out"]) == (3, 0, 2)
+    assert (c["guard_pairs"], c["guard_pairs_separated"], c["rows_left_out_by_guard"]) == (1, 1, 2)
     # with many random cross-cluster pairs too: none in a batch, counts add up
     rng = np.random.default_rng(5)
     cluster, query, texts = _random_rows(rng, 300, 6)
@@ -495,8 +495,8 @@ def test_no_conflicts_leave_the_plan_as_it_was():
         for a in ("order", "batch_id", "mixed", "cluster"):
             assert np.array_equal(getattr(bare, a), getattr(none, a))
         assert bare.counts == none.counts
-        assert {k: bare.counts[k] for k in ("guard_pairs", "guard_pairs_separated", "rows_dropped_by_guard")} == {
-            "guard_pairs": 0, "guard_pairs_separated": 0, "rows_dropped_by_guard": 0}
+        assert {k: bare.counts[k] for k in ("guard_pairs", "guard_pairs_separated", "rows_left_out_by_guard")} == {
+            "guard_pairs": 0, "guard_pairs_separated": 0, "rows_left_out_by_guard": 0}
 
 
 def test_guard_conflicts_read_the_scorers_embeddings(tmp_path):

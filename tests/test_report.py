@@ -68,7 +68,7 @@ def _manifest(output: str = "/data/out", clusters=None, rows: int = 6) -> dict:
             "dropped_relative_margin": 30,
             "negatives": rows,
             "pairs_short": 1,
-            "rejected_input_rows": 2,
+            "rows_rejected": 2,
         },
         "histograms": histograms(samples, dists),
         "rejected_input_file": "rejected/input.parquet",
@@ -204,6 +204,21 @@ def test_negprep_report_rebuilds_page_and_card(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [f"{out}/report.html", f"{out}/README.md"]
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_negprep_report_reads_an_older_outputs_key_names(tmp_path, capsys):
+    from negprep.output.manifest import RENAMED, upgrade
+
+    m = _manifest()
+    m["batches"] = {"rows_dropped": 3, "rows_dropped_by_guard": 1}
+    old = {**m, "counts": {({v: k for k, v in RENAMED["counts"].items()}).get(k, k): v for k, v in m["counts"].items()}}
+    assert "rows_rejected" not in old["counts"] and old["counts"]["rejected_input_rows"] == 2
+    assert upgrade(old)["counts"] == m["counts"] and upgrade(old)["batches"] == {"rows_left_out": 3,
+                                                                                 "rows_left_out_by_guard": 1}
+    out = _fake_output(tmp_path, old)
+    assert main(["report", str(out)]) == 0
+    # the old count is shown, not a 0 for a key the page no longer knows
+    assert '<div class="tile warn"><b>2</b><span>input rows rejected</span>' in (out / "report.html").read_text()
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -129,8 +129,8 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
     rows = table.to_pylist()
     c, b, cl = m["counts"], m["batches"], m["clusters"]
     assert len(rows) == m["rows"] == c["rows"] == b["rows_batched"]
-    assert b["rows_batched"] + b["rows_dropped"] == c["negatives"] == b["rows"]
-    assert c["rows_dropped_partial_batches"] + c["rows_dropped_batch_guard"] == b["rows_dropped"]
+    assert b["rows_batched"] + b["rows_left_out"] == c["negatives"] == b["rows"]
+    assert c["rows_left_out_partial_batches"] + c["rows_left_out_batch_guard"] == b["rows_left_out"]
     assert cl["k"] == 3 and cl["queries"] == c["queries"] == 80
     assert cl["sizes"]["min"] <= cl["sizes"]["median"] <= cl["sizes"]["max"]
     by_batch = _check_batches(rows, 4, m)
@@ -138,7 +138,7 @@ def test_batched_job_tiny(ray_session, tiny_bert, demo_data, tmp_path):
     # SciFact job below and the guide job in test_stages.py score); it still keeps each query's
     # labelled positives out of other rows' batches
     assert b["batch_guard"] and b["guard_model"] is None
-    assert b["rows_dropped_by_guard"] == c["rows_dropped_batch_guard"] <= b["guard_pairs"]
+    assert b["rows_left_out_by_guard"] == c["rows_left_out_batch_guard"] <= b["guard_pairs"]
     _check_labelled(by_batch)
     # a query keeps one cluster
     assert all(len(v) == 1 for v in _clusters_by_query(rows).values())
@@ -264,7 +264,7 @@ def test_scifact_minilm_tas_balanced(ray_session, tmp_path):
     assert c["queries"] == 809 and cl["k"] == 809 // (4 * 32) and cl["derived_k"]
     assert cl["queries"] == 809 and cl["empty_clusters"] == 0
     assert len(rows) == m["rows"] == b["rows_batched"] > 0
-    assert b["rows_batched"] + b["rows_dropped"] == c["negatives"]
+    assert b["rows_batched"] + b["rows_left_out"] == c["negatives"]
     by_batch = _check_batches(rows, 32, m)
     # most batches are single-topic, and every written batch is whole
     assert b["batches_mixed"] < b["batches"] / 4 and len(by_batch) * 32 == len(rows)

@@ -154,7 +154,7 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         ("negatives chosen", "negatives"),
         ("pairs short of negatives", "pairs_short"),
         ("output rows", "rows"),
-        ("input rows rejected", "rejected_input_rows"),
+        ("input rows rejected", "rows_rejected"),
     ):
         v = m.get("rows") if key == "rows" else c.get(key)
         if v is not None:

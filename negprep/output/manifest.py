@@ -23,16 +23,33 @@ VERSIONED = ("negprep", "ray", "pyarrow", "polars", "faiss-cpu", "transformers",
              "fsspec", "s3fs")
 
 
+#: keys an earlier negprep wrote, by manifest section, and what they are called now
+RENAMED = {
+    "counts": {"rejected_input_rows": "rows_rejected", "rows_dropped_partial_batches": "rows_left_out_partial_batches",
+               "rows_dropped_batch_guard": "rows_left_out_batch_guard"},
+    "batches": {"rows_dropped": "rows_left_out", "rows_dropped_by_guard": "rows_left_out_by_guard"},
+}
+
+
+def upgrade(manifest: dict) -> dict:
+    """`manifest` with today's key names, so `negprep report` reads an older output's manifest."""
+    out = dict(manifest)
+    for section, names in RENAMED.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {names.get(k, k): v for k, v in out[section].items()}
+    return out
+
+
 def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
     """The manifest of a run whose stages have all finished (secrets masked)."""
     job, read, mine, batch = run.job, run.read, run.mine, run.batch
     pspec, qspec = run.embed.passages.spec, run.embed.queries.spec
     counts = dict(mine.counts)
     if batch:
-        # the batch guard's share of the dropped rows apart: the two add up to batches.rows_dropped
-        guard = batch.get("rows_dropped_by_guard", 0)
-        counts["rows_dropped_partial_batches"] = batch["rows_dropped"] - guard
-        counts["rows_dropped_batch_guard"] = guard
+        # the batch guard's share of the rows left out apart: the two add up to batches.rows_left_out
+        guard = batch.get("rows_left_out_by_guard", 0)
+        counts["rows_left_out_partial_batches"] = batch["rows_left_out"] - guard
+        counts["rows_left_out_batch_guard"] = guard
         counts["rows"] = batch["rows_batched"]
     manifest = {
         "negprep_version": version("negprep"),
@@ -59,7 +76,7 @@ def build_manifest(run: Run, rejected_input_file: str | None) -> dict:
             "passages": read.passages,
             "queries": read.queries,
             "positives": read.positives,
-            "rejected_input_rows": read.rejected_rows,
+            "rows_rejected": read.rows_rejected,
             "exclusions": read.exclusions_count,
             **counts,
         },

@@ -19,6 +19,7 @@ import numpy as np
 
 from negprep.errors import InputError
 from negprep.output.distributions import edges_for, hist_counts
+from negprep.output.manifest import upgrade
 from negprep.paths import Folder
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def render(m: dict) -> str:
         _tile("(query, positive) pairs", int(c.get("pairs", 0))),
         _tile("negatives chosen", int(c.get("negatives", 0))),
         _tile(f"pairs short of {cfg.get('num_negatives', '?')}", int(c.get("pairs_short", 0)), c.get("pairs_short", 0)),
-        _tile("input rows rejected", int(c.get("rejected_input_rows", 0)), c.get("rejected_input_rows", 0)),
+        _tile("input rows rejected", int(c.get("rows_rejected", 0)), c.get("rows_rejected", 0)),
         "</div>",
         "<h2>Inputs</h2>",
         _inputs_section(m),
@@ -391,6 +392,7 @@ def rebuild(output: str, card: bool = False, storage_options: dict | None = None
         manifest = out.read_json("manifest.json")
     except ValueError as e:
         raise InputError(f"{output}/manifest.json: not valid JSON: {e}") from None
+    manifest = upgrade(manifest)  # an older output's key names
     written = [write_report(out, manifest)]
     if card:
         from negprep.output.card import write_card

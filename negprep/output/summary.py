@@ -18,11 +18,11 @@ def format_summary(m: dict) -> str:
         f"negprep: {_n(m['rows'])} {m['format']} rows for {_n(c.get('pairs', 0))} (query, positive) pairs "
         f"of {_n(c.get('queries', 0))} queries in {m['timings_s']['total']:.1f} s",
         f"  inputs: {_n(c['passages'])} passages, {_n(c['queries'])} queries with positives, "
-        f"{_n(c['positives'])} positives; {_n(c['rejected_input_rows'])} input rows rejected",
+        f"{_n(c['positives'])} positives; {_n(c['rows_rejected'])} input rows rejected",
         f"  candidates in ranks [{cfg['range_min']}, {cfg['range_max']}): {_n(c.get('candidates', 0))}, "
         f"kept {_n(c.get('kept', 0))}",
     ]
-    if c["rejected_input_rows"]:
+    if c["rows_rejected"]:
         why: dict[str, int] = {}
         for s in (m.get("inputs") or {}).values():
             for k, v in (s.get("rejected") or {}).items():
@@ -58,10 +58,10 @@ def format_summary(m: dict) -> str:
             f"{_n(b['batches_short'])} short); rows in single-cluster batches "
             f"{(b['rows_batched'] - b['rows_merged']) / max(1, b['rows']):.1%}, in mixed {_n(b['rows_merged'])} "
             f"({b['rows_merged'] / max(1, b['rows']):.1%}), "
-            f"dropped {_n(b['rows_dropped'])} (partial_batches: {b['partial_batches']})"
-            + (f"; batch guard ({b['guard_model']}): {_n(b['guard_pairs'])} row pairs kept apart, "
-               f"{_n(b['guard_pairs_separated'])} of them would have shared a batch, "
-               f"{_n(b['rows_dropped_by_guard'])} rows dropped for it" if b.get("guard_model") else "")
+            f"left out {_n(b['rows_left_out'])} (partial_batches: {b['partial_batches']})"
+            + (f"; batch guard ({b.get('guard_model') or 'labels only'}): {_n(b['guard_pairs'])} row pairs kept "
+               f"apart, {_n(b['guard_pairs_separated'])} of them would have shared a batch, "
+               f"{_n(b['rows_left_out_by_guard'])} rows left out for it" if b.get("batch_guard") else "")
         )
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")

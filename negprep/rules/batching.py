@@ -59,8 +59,8 @@ class Batches:
         order: (m,) input row indices in output order (m = rows kept).
         batch_id: (m,) batch of each output position; 0, 0, ..., 1, 1, ...: batches are contiguous.
         mixed: (number of batches,) True for a `merge` batch pooled from several clusters' leftovers.
-        counts: rows, rows_batched, rows_merged, rows_dropped, batches, batches_mixed, batches_short,
-            rows_moved, and the guard's guard_pairs, guard_pairs_separated, rows_dropped_by_guard.
+        counts: rows, rows_batched, rows_merged, rows_left_out, batches, batches_mixed, batches_short,
+            rows_moved, and the guard's guard_pairs, guard_pairs_separated, rows_left_out_by_guard.
     """
 
     order: np.ndarray
@@ -458,7 +458,7 @@ def compose(
         "rows": n,
         "rows_batched": len(out),
         "rows_merged": sum(len(b) for b in mixed),
-        "rows_dropped": dropped,
+        "rows_left_out": dropped,
         "batches": len(batches),
         "batches_mixed": len(mixed),
         "batches_short": int((sizes < batch_size).sum()),
@@ -467,7 +467,7 @@ def compose(
         # keeps them apart already)
         "guard_pairs": len(guard.pairs) if guard else 0,
         "guard_pairs_separated": separated,  # of them, in one batch of the unguarded plan
-        "rows_dropped_by_guard": by_guard,  # more rows dropped than the unguarded plan drops
+        "rows_left_out_by_guard": by_guard,  # more rows dropped than the unguarded plan drops
     }
     return Batches(
         order=out,

@@ -20,7 +20,7 @@ from negprep.stages.base import Run, Stage
 def publish_rejected(read: ReadResult, out: Folder) -> str | None:
     """Copy the rejected input rows next to the output when there are any; returns the path
     relative to the output. Under on_bad_input: strict there never are."""
-    if not read.rejected_rows:
+    if not read.rows_rejected:
         return None
     name = "rejected/input.parquet"
     out.write_bytes(name, read.folder.read_bytes(read.rejected.name))
