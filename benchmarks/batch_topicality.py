@@ -44,14 +44,14 @@ def main() -> None:
             row = {"negatives": negatives, "batch_guard": guard, "clusters": c["k"], "derived_k": c["derived_k"],
                    "rows": b["rows"],
                    "single_cluster_share": round((b["rows_batched"] - b["rows_merged"]) / b["rows"], 4),
-                   "dropped_share": round(b["rows_left_out"] / b["rows"], 4), "batches": b["batches"],
+                   "left_out_share": round(b["rows_left_out"] / b["rows"], 4), "batches": b["batches"],
                    "batches_mixed": b["batches_mixed"], "cluster_sizes": c["sizes"],
                    **{k: b.get(k, 0) for k in ("guard_pairs", "guard_pairs_separated", "rows_left_out_by_guard")}}
             results.append(row)
             print(f"guard {'on ' if guard else 'off'}  negatives {negatives}  "
                   f"k {c['k']:>3}{' (derived)' if c['derived_k'] else '          '}  rows "
-                  f"{b['rows']:>5}  single-cluster {row['single_cluster_share']:.1%}  dropped "
-                  f"{row['dropped_share']:.1%}  batches {b['batches']} ({b['batches_mixed']} mixed)  guard pairs "
+                  f"{b['rows']:>5}  single-cluster {row['single_cluster_share']:.1%}  left out "
+                  f"{row['left_out_share']:.1%}  batches {b['batches']} ({b['batches_mixed']} mixed)  guard pairs "
                   f"{row['guard_pairs']} ({row['guard_pairs_separated']} separated)", flush=True)
     Path(args.out).write_text(json.dumps({"data": args.data, "batch_size": 32, "results": results}, indent=2))
 
