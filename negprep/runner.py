@@ -48,8 +48,7 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
     check_output(out, overwrite)
     execution.start_ray(job.ray.address, job.ray.num_cpus, job.ray.object_store_mb)
     gpus = execution.cluster_gpus()
-    wants_cuda = "cuda" in (job.embed.device, job.search.device, job.guide.device if job.guide else "")
-    if wants_cuda and gpus <= 0 and (job.ray.address or os.environ.get("RAY_ADDRESS")):
+    if devices.wants_cuda(job) and gpus <= 0 and (job.ray.address or os.environ.get("RAY_ADDRESS")):
         gpus = execution.wait_for_gpus(job.ray.gpu_wait_s)  # an autoscaler starts GPU nodes from zero
     # `cuda` with no GPU in the cluster: one line before any stage works
     run = Run(job, work, out, Executor(job.ray.retries), overwrite, cpus=execution.cluster_cpus(), gpus=gpus,

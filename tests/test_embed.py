@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs, resolve_model
-from negprep.models.pool import actor_layout
+from negprep.models.pool import actor_layout, cuda_actors
 
 from .conftest import shared_data
 
@@ -29,6 +29,13 @@ def test_one_big_shard_gets_one_actor_with_every_core():
     assert actor_layout(8, [100, 100, 10], None, None) == (2, 4)
     assert actor_layout(8, [100] * 3, 3, None) == (3, 2)  # the job's setting wins
     assert actor_layout(2, [100] * 3, None, 2) == (1, 2)
+
+
+def test_gpu_actors_fit_the_clusters_gpus_and_the_work():
+    assert cuda_actors(1, 1.0, 10) == 1 and cuda_actors(8, 1.0, 10) == 8 and cuda_actors(8, 1.0, 3) == 3
+    assert cuda_actors(2, 0.5, 10) == 4  # half a GPU each: two per GPU
+    assert cuda_actors(8, 1.0, 10, wanted=2) == 2 and cuda_actors(1, 1.0, 10, wanted=4) == 1  # never beyond the GPUs
+    assert cuda_actors(0.5, 1.0, 10) == 1  # at least one: Ray then says the GPU is missing
 
 
 def test_batching_never_changes_an_embedding(tiny_bert):

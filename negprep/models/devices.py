@@ -31,6 +31,11 @@ def resolve(setting: str, gpus: float, key: str) -> str:
     return "cuda" if gpus > 0 else "cpu"
 
 
+def wants_cuda(job) -> bool:
+    """Whether any of the job's device settings (`embed`, `search`, `guide`) names cuda."""
+    return "cuda" in (job.embed.device, job.search.device, job.guide.device if job.guide else "")
+
+
 def job_devices(job, gpus: float) -> dict[str, str]:
     """The resolved device of the job's encoder (`embed`), guide and search; ConfigError for `cuda`
     without a GPU. An onnxruntime encoder and an ivf/hnsw index run on the CPU under `auto`."""

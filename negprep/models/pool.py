@@ -124,6 +124,13 @@ def actor_layout(cpus: int, shard_work: list[int], actors: int | None, threads: 
     return n, threads or max(1, cpus // n)
 
 
+def cuda_actors(gpus: float, gpus_per_actor: float, work_items: int, wanted: int | None = None) -> int:
+    """How many GPU actors a pool starts (embedders, cross-encoders): no more than the cluster's
+    GPUs hold at `gpus_per_actor` each (one more would wait for a GPU forever), nor than there is
+    work for, nor than the job asks for (`actors`); at least one."""
+    return max(1, min(wanted or work_items, work_items, int(gpus / gpus_per_actor)))
+
+
 def embedder(threads: int, gpus: float = 0.0) -> Resources:
     """What one embedding actor asks for: a CPU per torch thread; on CUDA its GPUs and no CPU: its
     host work (padding batches, queueing copies) is small next to the tokenising tasks', which get
@@ -160,9 +167,7 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
     batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
     if spec.device == "cuda":
-        # no more actors than the cluster's GPUs hold: one more would wait for a GPU forever
-        actors = max(1, min(cfg.actors or len(todo), len(todo), int(gpus / cfg.gpus_per_actor)))
-        threads = 1
+        actors, threads = cuda_actors(gpus, cfg.gpus_per_actor, len(todo), cfg.actors), 1
 
         def pieces(item: tuple[EmbedPart, Shard]) -> list[tuple]:
             part, shard = item

@@ -29,7 +29,7 @@ from negprep.execution import Resources, assigned_gpus, each
 from negprep.input.shards import Shard, write_shards
 from negprep.models.devices import cuda_on_cpu, torch_device
 from negprep.models.encoders import check_compiler, encoder_specs, load_model, prepared_masks_pass, resolve_model
-from negprep.models.pool import EmbedPart, actor_layout, batching, embed_parts, embedder, ensure_exports
+from negprep.models.pool import EmbedPart, actor_layout, batching, cuda_actors, embed_parts, embedder, ensure_exports
 from negprep.models.vectors import load_embeddings
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
@@ -354,7 +354,7 @@ class Guide(Stage):
         res = self.resources(run)
         if g.type == "crossencoder":
             if device == "cuda":
-                actors, threads = max(1, min(g.actors or len(todo), len(todo), int(run.gpus / g.gpus_per_actor))), 1
+                actors, threads = cuda_actors(run.gpus, g.gpus_per_actor, len(todo), g.actors), 1
             else:
                 actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
             # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
