@@ -9,18 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from negprep.rules.batching import (
-    compose,
-    conflicting_pairs,
-    fill,
-    guard_thresholds,
-    interleave,
-    known_positive_pairs,
-    pack,
-    positive_keys,
-    split_files,
-    zscore_caps,
-)
+from negprep.rules.batching import compose, fill, interleave, pack, split_files
+from negprep.rules.guard import conflicting_pairs, guard_thresholds, known_positive_pairs, positive_keys, zscore_caps
 from negprep.stages.cluster import cluster_count, sample_rows
 
 

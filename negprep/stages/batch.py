@@ -8,8 +8,8 @@ through the object store. One Ray task per output file then takes its rows from 
 adds `batch_id` and writes `data/train-*.parquet`; each output file holds whole batches, in order.
 
 With `batch_guard` (the default) the plan task also keeps apart rows whose passages are labelled
-positives of each other's questions (`negprep.rules.batching.known_positive_pairs`), or positive-like for
-them (`negprep.rules.batching.conflicting_pairs`): under an in-batch loss they would be false negatives.
+positives of each other's questions (`negprep.rules.guard.known_positive_pairs`), or positive-like for
+them (`negprep.rules.guard.conflicting_pairs`): under an in-batch loss they would be false negatives.
 The scores are the model's that vetted the negatives, with its rule: a bi-encoder guide's
 embeddings, margins and z-score rule, else the mining model's (`guard_scorer`). Positive scores
 come from the same embeddings. Only this task reads vectors: the rows' queries, passages and their
@@ -33,6 +33,7 @@ from negprep.input.shards import Shard, text_key
 from negprep.models.vectors import table_vectors
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.rules import batching
+from negprep.rules.guard import Conflicts, conflicting_pairs, known_positive_pairs, positive_keys, zscore_caps
 from negprep.schemas import conform, spec
 from negprep.stages.base import Run, Stage
 from negprep.stages.embed import encoders
@@ -143,10 +144,10 @@ def _vectors(files: Files, ids: set[str], what: str) -> tuple[dict[str, int], np
 
 
 def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_ids: np.ndarray,
-                    query_keys: np.ndarray, text_keys: np.ndarray) -> batching.Conflicts:
+                    query_keys: np.ndarray, text_keys: np.ndarray) -> Conflicts:
     """The `conflicts` callable of `batching.compose` over the staged rows: a passage that is a
-    labelled positive of another row's query (`batching.known_positive_pairs`), and with `scorer`
-    one that scores as positive-like for it under the scorer's rule (`batching.conflicting_pairs`).
+    labelled positive of another row's query (`known_positive_pairs`), and with `scorer`
+    one that scores as positive-like for it under the scorer's rule (`conflicting_pairs`).
 
     Args:
         query_ids: (n,) each row's query id.
@@ -155,10 +156,10 @@ def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_i
         text_keys: (n, m) each row's passage text keys.
     """
     qkey = np.asarray(query_keys, dtype=np.int64)
-    known = batching.positive_keys(qkey, text_keys)
+    known = positive_keys(qkey, text_keys)
 
     def labelled(rows: np.ndarray) -> np.ndarray:
-        return rows[batching.known_positive_pairs(qkey[rows], text_keys[rows], known)]
+        return rows[known_positive_pairs(qkey[rows], text_keys[rows], known)]
 
     if scorer is None:
         return labelled
@@ -187,10 +188,10 @@ def guard_conflicts(scorer: GuardScorer | None, query_ids: np.ndarray, passage_i
             padded = np.full((len(idx), width), np.nan)
             for i, q in enumerate(idx):
                 padded[i, : len(window[q])] = np.asarray(window[q], dtype=np.float64)
-            cap[[qrow[q] for q in idx]] = batching.zscore_caps(padded, scorer.max_zscore)
+            cap[[qrow[q] for q in idx]] = zscore_caps(padded, scorer.max_zscore)
 
     def conflicts(rows: np.ndarray) -> np.ndarray:
-        local = batching.conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
+        local = conflicting_pairs(qvec[qi[rows]], pvec[pi[rows]], ref[qi[rows]], qkey[rows],
                                           scorer.relative_margin, scorer.absolute_margin, scorer.max_score,
                                           cap[qi[rows]])
         return np.concatenate([rows[local], labelled(rows)]).reshape(-1, 2)
