@@ -15,7 +15,7 @@ OVER = {
     "negprep/input/checks.py", "negprep/models/encoders.py",
     "negprep/stages/guide.py", "negprep/stages/search.py",
     "negprep/models/pool.py:embed_parts", "negprep/output/card.py:dataset_card", "negprep/output/report.py:render",
-    "negprep/output/summary.py:format_summary", "negprep/rules/batching.py:compose",
+    "negprep/output/summary.py:format_summary",
     "negprep/stages/mine.py:mine_candidates",
 }
 

@@ -219,6 +219,61 @@ def rebalance(cluster: np.ndarray, query: np.ndarray, second: np.ndarray, margin
     return qc[inv]
 
 
+@dataclass(frozen=True)
+class _Packing:
+    """The rows as `compose` packs them: cluster by cluster, in `order`."""
+
+    order: np.ndarray  # row indices: by cluster, then spreading level, priority and query
+    bounds: np.ndarray  # where each cluster's run starts in `order` (and the end)
+    sort_key: tuple[np.ndarray, ...]  # (tie, prio, level, cluster) per row, for np.lexsort of a merge pool
+    batch_size: int
+    window: int
+    partial: str
+
+
+def _plan(p: _Packing, keys: list[tuple], guard: GuardKeys | None) -> tuple[list[list[int]], list[list[int]], int]:
+    """(full batches, mixed batches, rows left out); the guard adds its keys group by group."""
+    ks = guard.keys if guard else keys
+    full: list[list[int]] = []
+    short: list[list[int]] = []
+    for a, b in zip(p.bounds[:-1], p.bounds[1:], strict=True):
+        if guard:
+            guard.add(p.order[a:b])
+        for batch in fill(pack(p.order[a:b], ks, p.batch_size, p.window), ks, p.batch_size):
+            (full if len(batch) == p.batch_size else short).append(batch)
+    if p.partial == "keep":
+        return full + short, [], 0
+    left = np.array([r for b in short for r in b], dtype=np.int64)
+    if p.partial != "merge" or not len(left):
+        return full, [], len(left)
+    # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
+    pool = left[np.lexsort(tuple(k[left] for k in p.sort_key))]
+    if guard:  # the pool mixes clusters: pairs across them are new
+        guard.add(pool)
+    mixed: list[list[int]] = []
+    dropped = 0
+    for batch in fill(pack(pool, ks, p.batch_size, p.window), ks, p.batch_size):
+        if len(batch) == p.batch_size:
+            mixed.append(batch)
+        else:
+            dropped += len(batch)
+    return full, mixed, dropped
+
+
+def _guard_effect(p: _Packing, keys: list[tuple], guard: GuardKeys, dropped: int) -> tuple[int, int]:
+    """(pairs the unguarded plan put in one batch, rows left out beyond the unguarded plan's): the
+    same inputs and seed packed without the guard (integer work, cheap)."""
+    if not guard.pairs:
+        return 0, 0
+    bare_full, bare_mixed, bare_dropped = _plan(p, keys, None)
+    batch_of = np.full(len(keys), -1, dtype=np.int64)
+    for i, b in enumerate(bare_full + bare_mixed):
+        batch_of[b] = i
+    pairs = np.array(list(guard.pairs), dtype=np.int64)
+    together = batch_of[pairs[:, 0]]
+    return int(((together >= 0) & (together == batch_of[pairs[:, 1]])).sum()), max(0, dropped - bare_dropped)
+
+
 def compose(
     cluster: np.ndarray,
     query: np.ndarray,
@@ -267,49 +322,10 @@ def compose(
     order = np.lexsort((tie, prio, level, cluster))
     bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
 
-    def plan(guard: GuardKeys | None) -> tuple[list[list[int]], list[list[int]], int]:
-        """(full batches, mixed batches, rows dropped); the guard adds its keys group by group."""
-        ks = guard.keys if guard else keys
-        full: list[list[int]] = []
-        short: list[list[int]] = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            if guard:
-                guard.add(order[a:b])
-            for batch in fill(pack(order[a:b], ks, batch_size, window), ks, batch_size):
-                (full if len(batch) == batch_size else short).append(batch)
-        mixed: list[list[int]] = []
-        dropped = 0
-        if partial == "keep":
-            full += short
-        else:
-            left = np.array([r for b in short for r in b], dtype=np.int64)
-            if partial == "merge" and len(left):
-                # still cluster by cluster: a mixed batch then spans few clusters (two, mostly)
-                pool = left[np.lexsort((tie[left], prio[left], level[left], cluster[left]))]
-                if guard:  # the pool mixes clusters: pairs across them are new
-                    guard.add(pool)
-                for batch in fill(pack(pool, ks, batch_size, window), ks, batch_size):
-                    if len(batch) == batch_size:
-                        mixed.append(batch)
-                    else:
-                        dropped += len(batch)
-            else:
-                dropped = len(left)
-        return full, mixed, dropped
-
+    packing = _Packing(order, bounds, (tie, prio, level, cluster), batch_size, window, partial)
     guard = GuardKeys(keys, conflicts) if conflicts is not None else None
-    full, mixed, dropped = plan(guard)
-    separated = by_guard = 0
-    if guard is not None and guard.pairs:
-        # what the guard changed: the same inputs and seed packed without it (integer work, cheap)
-        bare_full, bare_mixed, bare_dropped = plan(None)
-        batch_of = np.full(n, -1, dtype=np.int64)
-        for i, b in enumerate(bare_full + bare_mixed):
-            batch_of[b] = i
-        pairs = np.array(list(guard.pairs), dtype=np.int64)
-        together = batch_of[pairs[:, 0]]
-        separated = int(((together >= 0) & (together == batch_of[pairs[:, 1]])).sum())
-        by_guard = max(0, dropped - bare_dropped)
+    full, mixed, dropped = _plan(packing, keys, guard)
+    separated, by_guard = _guard_effect(packing, keys, guard, dropped) if guard is not None else (0, 0)
 
     batches = full + mixed
     is_mixed = np.array([False] * len(full) + [True] * len(mixed), dtype=bool)
