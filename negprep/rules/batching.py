@@ -231,6 +231,17 @@ class _Packing:
     partial: str
 
 
+def _packing(cluster: np.ndarray, query: np.ndarray, texts: np.ndarray, rng: np.random.Generator,
+             batch_size: int, window: int, partial: str) -> _Packing:
+    """The packing order: cluster by cluster, each cluster's rows spread (`interleave`)."""
+    level, prio = interleave(cluster, query, texts, rng)
+    tie = np.unique(query, return_inverse=True)[1].reshape(-1)
+    order = np.lexsort((tie, prio, level, cluster))
+    n = len(cluster)
+    bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
+    return _Packing(order, bounds, (tie, prio, level, cluster), batch_size, window, partial)
+
+
 def _plan(p: _Packing, keys: list[tuple], guard: GuardKeys | None) -> tuple[list[list[int]], list[list[int]], int]:
     """(full batches, mixed batches, rows left out); the guard adds its keys group by group."""
     ks = guard.keys if guard else keys
@@ -317,43 +328,34 @@ def compose(
     window = window or max(8 * batch_size, 64)
     rng = np.random.default_rng(row_seed(seed, "batches"))
     keys = [(q, *t) for q, t in zip(query.tolist(), texts.tolist(), strict=True)]
-    level, prio = interleave(cluster, query, texts, rng)
-    tie = np.unique(query, return_inverse=True)[1].reshape(-1)
-    order = np.lexsort((tie, prio, level, cluster))
-    bounds = np.r_[0, np.flatnonzero(np.diff(cluster[order])) + 1, n] if n else np.zeros(1, dtype=np.int64)
-
-    packing = _Packing(order, bounds, (tie, prio, level, cluster), batch_size, window, partial)
+    packing = _packing(cluster, query, texts, rng, batch_size, window, partial)
     guard = GuardKeys(keys, conflicts) if conflicts is not None else None
     full, mixed, dropped = _plan(packing, keys, guard)
     separated, by_guard = _guard_effect(packing, keys, guard, dropped) if guard is not None else (0, 0)
 
-    batches = full + mixed
-    is_mixed = np.array([False] * len(full) + [True] * len(mixed), dtype=bool)
-    perm = rng.permutation(len(batches))
-    sizes = np.array([len(batches[i]) for i in perm], dtype=np.int64)
-    out = np.array([r for i in perm for r in batches[i]], dtype=np.int64)
-    counts = {
-        "rows": n,
-        "rows_batched": len(out),
-        "rows_merged": sum(len(b) for b in mixed),
-        "rows_left_out": dropped,
-        "batches": len(batches),
-        "batches_mixed": len(mixed),
-        "batches_short": int((sizes < batch_size).sum()),
+    return _shuffled(full, mixed, dropped, rng, batch_size, cluster, {
         "rows_moved": int((cluster != kmeans).sum()),  # to their query's second-nearest cluster
         # row pairs where a passage of one is positive-like for the other's query (and no shared text
         # keeps them apart already)
         "guard_pairs": len(guard.pairs) if guard else 0,
         "guard_pairs_separated": separated,  # of them, in one batch of the unguarded plan
-        "rows_left_out_by_guard": by_guard,  # more rows dropped than the unguarded plan drops
-    }
-    return Batches(
-        order=out,
-        batch_id=np.repeat(np.arange(len(batches), dtype=np.int32), sizes),
-        mixed=is_mixed[perm],
-        counts=counts,
-        cluster=cluster[out],
-    )
+        "rows_left_out_by_guard": by_guard,  # more rows left out than the unguarded plan leaves out
+    })
+
+
+def _shuffled(full: list[list[int]], mixed: list[list[int]], dropped: int, rng: np.random.Generator,
+              batch_size: int, cluster: np.ndarray, more: dict[str, int]) -> Batches:
+    """The plan: full and mixed batches in a shuffled order, with their counts (and `more`)."""
+    batches = full + mixed
+    is_mixed = np.array([False] * len(full) + [True] * len(mixed), dtype=bool)
+    perm = rng.permutation(len(batches))
+    sizes = np.array([len(batches[i]) for i in perm], dtype=np.int64)
+    out = np.array([r for i in perm for r in batches[i]], dtype=np.int64)
+    counts = {"rows": len(cluster), "rows_batched": len(out), "rows_merged": sum(len(b) for b in mixed),
+              "rows_left_out": dropped, "batches": len(batches), "batches_mixed": len(mixed),
+              "batches_short": int((sizes < batch_size).sum()), **more}
+    return Batches(order=out, batch_id=np.repeat(np.arange(len(batches), dtype=np.int32), sizes),
+                   mixed=is_mixed[perm], counts=counts, cluster=cluster[out])
 
 
 def split_files(sizes: np.ndarray, files: int) -> np.ndarray:
