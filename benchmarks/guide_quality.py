@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from negprep.config import GuideConfig, parse_job  # noqa: E402
 from negprep.rules import mining  # noqa: E402
+from negprep.rules.candidates import mine_candidates  # noqa: E402
 from negprep.runner import run_job  # noqa: E402
-from negprep.stages.mine import mine_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,10 @@ from negprep.errors import ConfigError
 from negprep.input.checks import twin_exclusions
 from negprep.input.shards import text_key
 from negprep.rules import mining
+from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import KEEP, REASONS, Rules
 from negprep.runner import run_job
-from negprep.stages.mine import mine_candidates, rows_for_output
+from negprep.stages.mine import rows_for_output
 
 DUP = 1 + REASONS.index("duplicate_of_candidate")
 

@@ -16,7 +16,6 @@ OVER = {
     "negprep/stages/guide.py", "negprep/stages/search.py",
     "negprep/models/pool.py:embed_parts", "negprep/output/card.py:dataset_card", "negprep/output/report.py:render",
     "negprep/output/summary.py:format_summary",
-    "negprep/stages/mine.py:mine_candidates",
 }
 
 

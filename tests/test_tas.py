@@ -14,10 +14,11 @@ import pytest
 from negprep.config import parse_job
 from negprep.output.summary import format_summary
 from negprep.rules import mining
+from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import Rules, balanced, margin_bins
 from negprep.runner import run_job
 from negprep.schemas import schema
-from negprep.stages.mine import mine_candidates, rows_for_output
+from negprep.stages.mine import rows_for_output
 
 from .conftest import shared_data
 

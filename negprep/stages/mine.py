@@ -13,7 +13,6 @@ runs on every run: its input, the candidates, is what the earlier stages cache.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from negprep.output.writer import prepare_output
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import MineResult
 from negprep.rules import mining
+from negprep.rules.candidates import Mined, mine_candidates
 from negprep.schemas import conform, schema
 from negprep.stages.base import Run, Stage
 
@@ -53,145 +53,6 @@ def rules(job: Job) -> mining.Rules:
         guide_max_score=g.max_score if g else None,
         guide_max_zscore=g.max_zscore if g else None,
     )
-
-
-@dataclass
-class Pairs:
-    """One row per (query, positive) pair of a shard."""
-
-    q: np.ndarray  # the pair's query row
-    pid: list[str]  # the positive's id
-    pscore: np.ndarray  # the positive's score under the mining model
-    pguide: np.ndarray | None  # ... and under the guide
-    picked: np.ndarray  # (pairs, num_negatives) chosen candidate ranks, -1 where short
-
-
-@dataclass
-class Mined:
-    """The mining of one shard: its pairs, and per query its candidates, scores and rule codes."""
-
-    pairs: Pairs
-    qids: list[str]
-    cids: list[list[str]]
-    scores: np.ndarray  # (queries, K) mining-model scores, NaN padded
-    guide: np.ndarray | None  # (queries, K) guide scores
-    code: np.ndarray  # (queries, K) mining.KEEP, a drop reason code, or mining.OUTSIDE
-    ref: np.ndarray  # per query, its lowest positive score (the margins' reference)
-    gref: np.ndarray | None  # ... under the guide
-
-
-def mine_candidates(
-    cand: pa.Table,
-    rules: mining.Rules,
-    guide: pa.Table | None = None,
-    text_keys: dict[str, int] | None = None,
-    vectors: Callable[[set[str]], dict[str, np.ndarray]] | None = None,
-) -> tuple[Mined, dict]:
-    """Pure part of the stage: a candidates table -> chosen negatives per (query, positive) pair.
-
-    Args:
-        cand: a candidates file (schemas/candidates.yaml).
-        rules: the mining rules.
-        guide: the guide scores of the same shard (schemas/guide_scores.yaml), rows in the same order.
-        text_keys: normalised-text key per passage id, for the duplicate rules (of a positive, of a
-            better-ranked candidate).
-        vectors: unit embeddings by passage id under the mining model, for the near-copy rule.
-
-    Returns the mined arrays (pairs, picked rank indices, score matrices, reason codes) and counts.
-    """
-    qids = cand.column("query_id").to_pylist()
-    cids = cand.column("candidate_ids").to_pylist()
-    pids = cand.column("positive_ids").to_pylist()
-    pscores = cand.column("positive_scores").to_pylist()
-    k = max(rules.range_max, 1)
-    scores = mining.pad_rows([np.asarray(s, dtype=np.float64) for s in cand.column("candidate_scores").to_pylist()], k)
-    ref = np.array([min(p) if p else np.nan for p in pscores])
-    gscores = gref = pguide = None
-    if guide is not None:
-        if guide.column("query_id").to_pylist() != qids:
-            raise ValueError("guide scores and candidates are not aligned")
-        gscores = mining.pad_rows([np.asarray(s, dtype=np.float64) for s in
-                                   guide.column("candidate_guide_scores").to_pylist()], k)
-        pguide = guide.column("positive_guide_scores").to_pylist()
-        gref = np.array([min(p) if p else np.nan for p in pguide])
-    dup = repeat = None
-    if text_keys is not None:
-        # a twin query's positives (excluded_ids) are positives of this question too
-        excluded = (cand.column("excluded_ids").to_pylist() if "excluded_ids" in cand.column_names
-                    else [[] for _ in qids])
-        dup, keys, known = (np.zeros(scores.shape, dtype=dt) for dt in (bool, np.int64, bool))
-        for qi, (c, p, e) in enumerate(zip(cids, pids, excluded, strict=True)):
-            row = [text_keys.get(d) for d in c[:k]]
-            known[qi, : len(row)] = [x is not None for x in row]
-            keys[qi, : len(row)] = [x or 0 for x in row]
-            pkeys = {text_keys[d] for d in (*p, *e) if d in text_keys}
-            if pkeys:
-                dup[qi, : len(row)] = [x in pkeys for x in row]
-        repeat = mining.repeated_texts(keys, known, rules.range_min, rules.range_max)
-    similarity = None
-    if vectors is not None and rules.near_duplicate is not None:
-        similarity = positive_similarity(cids, pids, scores, pscores, rules, vectors)
-    code = mining.classify(scores, ref, rules, gscores, gref, dup, repeat, similarity)
-    keep = code == mining.KEEP
-    kept = keep.sum(axis=1)
-    counts = mining.reason_counts(code)
-    # one row per (query, positive): each pair gets its own draw under `random`
-    q_of_pair = np.array([qi for qi, p in enumerate(pids) for _ in p], dtype=np.int64)
-    pair_pid = [d for p in pids for d in p]
-    pair_pscore = np.array([s for p in pscores for s in p], dtype=np.float64)
-    pair_pguide = None if pguide is None else np.array([s for p in pguide for s in p], dtype=np.float64)
-    seeds = None
-    if rules.sampling in ("random", "balanced"):
-        seeds = np.array([mining.row_seed(rules.seed, qids[q], d) for q, d in zip(q_of_pair, pair_pid, strict=True)],
-                         dtype=np.uint64)
-    pair_keep = keep[q_of_pair] if len(q_of_pair) else keep[:0]
-    if rules.sampling == "balanced":
-        # margins of the teacher when there is one (TAS-Balanced), else of the mining model
-        if gscores is not None:
-            margins = pair_pguide[:, None] - gscores[q_of_pair]
-        else:
-            margins = pair_pscore[:, None] - scores[q_of_pair]
-        picked = mining.balanced(pair_keep, margins, rules.num_negatives, seeds, rules.margin_bins)
-    else:
-        picked = mining.choose(pair_keep, rules.num_negatives, rules.sampling, seeds)
-    got = (picked >= 0).sum(axis=1)
-    counts.update(
-        queries=len(qids),
-        queries_without_positive_score=int(sum(1 for p in pscores if not p)),
-        queries_without_candidates=int((kept == 0).sum()),
-        queries_short=int((kept < rules.num_negatives).sum()),
-        pairs=len(pair_pid),
-        pairs_short=int((got < rules.num_negatives).sum()),
-        negatives=int(got.sum()),
-    )
-    pairs = Pairs(q_of_pair, pair_pid, pair_pscore, pair_pguide, picked)
-    return Mined(pairs, qids, cids, scores, gscores, code, ref, gref), counts
-
-
-def positive_similarity(cids: list[list[str]], pids: list[list[str]], scores: np.ndarray,  # noqa: PLR0913
-                        pscores: list[list[float]], rules: mining.Rules,
-                        vectors: Callable[[set[str]], dict[str, np.ndarray]]) -> np.ndarray:
-    """(n, K) each window candidate's highest cosine to one of its query's positives; NaN where its
-    query score is too far from every positive's for a near-copy (`mining.near_copy_bound`), so
-    only those few candidates' vectors are read."""
-    n, k = scores.shape
-    out = np.full((n, k), np.nan)
-    # without unit vectors the scores bound nothing: every window candidate is checked
-    bound = mining.near_copy_bound(rules.near_duplicate) if rules.unit_scores else np.inf
-    lo = np.array([min(p) - bound if p else np.nan for p in pscores])[:, None]
-    hi = np.array([max(p) + bound if p else np.nan for p in pscores])[:, None]
-    cols = np.arange(k)[None, :]
-    near = (cols >= rules.range_min) & (cols < rules.range_max) & (scores >= lo) & (scores <= hi)
-    rows, js = np.nonzero(near)
-    if len(rows) == 0:
-        return out
-    vec = vectors({cids[r][j] for r, j in zip(rows, js, strict=True)} | {d for r in set(rows) for d in pids[r]})
-    for r, j in zip(rows, js, strict=True):
-        c = vec.get(cids[r][j])
-        sims = [float(c @ vec[p]) for p in pids[r] if p in vec] if c is not None else []
-        if sims:
-            out[r, j] = max(sims)
-    return out
 
 
 def dropped_rows(mined: Mined) -> pa.Table:
