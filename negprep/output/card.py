@@ -59,16 +59,24 @@ def _md(v: Any) -> str:
 def dataset_card(m: dict, columns: list[str] | None = None) -> str:
     """README.md text for manifest `m`; `columns`: the data files' column names, when known."""
     cfg = m.get("config") or {}
-    c = m.get("counts") or {}
     fmt = m.get("format") or cfg.get("format", "triplet")
     n = int(cfg.get("num_negatives") or 1)
+    negatives = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
+    text_cols = ["query", "positive", *negatives]
+    out_path = m.get("output", "OUTPUT")
+    lines = ["---", yaml.safe_dump(_front(m, fmt, text_cols), sort_keys=False).rstrip(), "---", ""]
+    lines += _made_lines(m, fmt, n) + _count_lines(m) + _load_lines(fmt, n, columns, out_path, text_cols)
+    lines += _exports_section(m, out_path, n)
+    return "\n".join(lines)
+
+
+def _front(m: dict, fmt: str, text_cols: list[str]) -> dict:
+    """The card's YAML front matter: the `datasets` configs (column-selecting ones for the losses)."""
     rejected = m.get("rejected_input_file")
+    data = [{"split": "train", "path": "data/*.parquet"}]
     configs: list[dict] = [
         {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}], "default": True}
     ]
-    negatives = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
-    text_cols = ["query", "positive", *negatives]
-    data = [{"split": "train", "path": "data/*.parquet"}]
     # configs that select columns: straight into sentence-transformers' losses, no select_columns or map
     configs.append({"config_name": "mnrl", "data_files": data, "columns": text_cols})
     configs.append({"config_name": "distill", "data_files": data, "columns": [*text_cols, "scores"]})
@@ -83,38 +91,25 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
     run = hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest()[:16]
     for config in configs:
         config["description"] = f"negprep run {run}"
-    front = {
+    return {
         "configs": configs,
         "tags": ["sentence-transformers", "hard-negatives", "negprep"],
         "task_categories": ["sentence-similarity"],
         "size_categories": [size_category(int(m.get("rows", 0)))],
         "pretty_name": f"Hard negatives mined by negprep ({fmt})",
     }
+
+
+def _made_lines(m: dict, fmt: str, n: int) -> list[str]:
+    """The title, what the data is and how it was made."""
+    cfg, c = m.get("config") or {}, m.get("counts") or {}
     created = m.get("created_unix")
     when = dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%d") if created else "unknown date"
-    model = cfg.get("model", "?")
-    rules = [
-        f"`{k}`: {cfg[k]}"
-        for k in (
-            "range_min",
-            "range_max",
-            "relative_margin",
-            "absolute_margin",
-            "max_score",
-            "min_score",
-            "sampling",
-            "seed",
-        )
-        if cfg.get(k) is not None
-    ]
-    guide = cfg.get("guide")
-    teacher = m.get("teacher") or {}
-    out_path = m.get("output", "OUTPUT")
+    keys = ("range_min", "range_max", "relative_margin", "absolute_margin", "max_score", "min_score", "sampling",
+            "seed")
+    rules = [f"`{k}`: {cfg[k]}" for k in keys if cfg.get(k) is not None]
+    guide, teacher = cfg.get("guide"), m.get("teacher") or {}
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
         f"# Hard negatives mined by negprep ({fmt})",
         "",
         f"Training data for text-embedding models: {c.get('pairs', 0):,} (query, positive) pairs of "
@@ -124,8 +119,8 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         "## How it was made",
         "",
         f"- Input: `{_md(cfg.get('input'))}` (split `{cfg.get('split', 'train')}`).",
-        f"- Every query and passage was embedded with `{_md(model)}` and searched exactly (inner product) against "
-        "the whole corpus; the query's labelled positives were removed from its neighbours.",
+        f"- Every query and passage was embedded with `{_md(cfg.get('model', '?'))}` and searched exactly (inner "
+        "product) against the whole corpus; the query's labelled positives were removed from its neighbours.",
         "- Negatives are candidates in the rank window that pass positive-aware rules (NV-Retriever): "
         + ", ".join(rules)
         + ".",
@@ -136,15 +131,15 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         lines.append(f"- Teacher scores (`scores`, and the grouped exports' scores) are the {teacher.get('role')} "
                      f"model's (`{_md(teacher.get('model'))}`): inner products of normalised embeddings"
                      f"{' or cross-encoder probabilities' if teacher.get('type') == 'crossencoder' else ''}.")
-    lines += [
-        f"- Made by negprep {m.get('negprep_version') or ''} on {when}; the full configuration, input checksums "
-        "and package versions are in `manifest.json`, plots in `report.html`.",
-        "",
-        "## Counts",
-        "",
-        "| | |",
-        "|---|---:|",
-    ]
+    lines.append(f"- Made by negprep {m.get('negprep_version') or ''} on {when}; the full configuration, input "
+                 "checksums and package versions are in `manifest.json`, plots in `report.html`.")
+    return lines
+
+
+def _count_lines(m: dict) -> list[str]:
+    """The counts, every input row accounted for, and where the rejected rows are."""
+    c, rejected = m.get("counts") or {}, m.get("rejected_input_file")
+    lines = ["", "## Counts", "", "| | |", "|---|---:|"]
     for label, key in (
         ("passages", "passages"),
         ("queries with positives", "queries"),
@@ -159,33 +154,25 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         v = m.get("rows") if key == "rows" else c.get(key)
         if v is not None:
             lines.append(f"| {label} | {v:,} |")
-    for k, v in c.items():
-        if k.startswith("dropped_") and v:
-            lines.append(f"| dropped by `{k.removeprefix('dropped_')}` | {v:,} |")
-    lines += [
-        "",
-        "Every input row is accounted for (rows read = used + not used + rejected):",
-        "",
-        "| input | read | used | not used | rejected |",
-        "|---|---:|---:|---:|---|",
-    ]
+    lines += [f"| dropped by `{k.removeprefix('dropped_')}` | {v:,} |" for k, v in c.items()
+              if k.startswith("dropped_") and v]
+    lines += ["", "Every input row is accounted for (rows read = used + not used + rejected):", "",
+              "| input | read | used | not used | rejected |", "|---|---:|---:|---:|---|"]
     for role, s in (m.get("inputs") or {}).items():
         unused = sum(v for k, v in s.items() if k.startswith("rows_unused_"))
         why = ", ".join(f"{k} {v:,}" for k, v in (s.get("rejected") or {}).items()) or "0"
         lines.append(f"| {role} | {s.get('rows_read', 0):,} | {s.get('rows_used', 0):,} | {unused:,} | {why} |")
     if rejected:
         lines += ["", f"The rejected input rows, with line and reason, are in `{rejected}`."]
-    lines += [
-        "",
-        "## Schema",
-        "",
-        f"Contract `schemas/{fmt}.yaml` of negprep:",
-        "",
-        "| column | type | meaning |",
-        "|---|---|---|",
-    ]
+    return lines
+
+
+def _load_lines(fmt: str, n: int, columns: list[str] | None, out_path: str, text_cols: list[str]) -> list[str]:
+    """The schema, and how to load the data into sentence-transformers' losses."""
+    lines = ["", "## Schema", "", f"Contract `schemas/{fmt}.yaml` of negprep:", "",
+             "| column | type | meaning |", "|---|---|---|"]
     lines += [f"| `{name}` | {typ} | {_md(meaning)} |" for name, typ, meaning in _columns(fmt, n, columns)]
-    lines += [
+    return lines + [
         "",
         "## How to load",
         "",
@@ -207,8 +194,6 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
         "came from.",
         "",
     ]
-    lines += _exports_section(m, out_path, n)
-    return "\n".join(lines)
 
 
 def _exports_section(m: dict, out_path: str, n: int) -> list[str]:

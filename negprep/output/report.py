@@ -127,29 +127,9 @@ def _clusters(m: dict) -> str:
     return out
 
 
-def render(m: dict) -> str:
-    """The report page for manifest `m`, as one HTML string."""
-    c = m.get("counts") or {}
-    cfg = m.get("config") or {}
-    h = m.get("histograms") or {}
-    created = m.get("created_unix")
-    when = dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if created else "?"
-    out = [
-        f'<h1>negprep report</h1><p class="sub">{_e(m.get("output", ""))} &middot; {m.get("rows", 0):,} '
-        f"{_e(m.get('format', ''))} rows &middot; model {_e(cfg.get('model', ''))} &middot; {when} &middot; "
-        f"negprep {_e(m.get('negprep_version') or '')}</p>",
-        '<div class="tiles">',
-        _tile("output rows", int(m.get("rows", 0))),
-        _tile("queries", int(c.get("queries", 0))),
-        _tile("(query, positive) pairs", int(c.get("pairs", 0))),
-        _tile("negatives chosen", int(c.get("negatives", 0))),
-        _tile(f"pairs short of {cfg.get('num_negatives', '?')}", int(c.get("pairs_short", 0)), c.get("pairs_short", 0)),
-        _tile("input rows rejected", int(c.get("rows_rejected", 0)), c.get("rows_rejected", 0)),
-        "</div>",
-        "<h2>Inputs</h2>",
-        _inputs_section(m),
-        "<h2>Scores</h2>",
-    ]
+def _score_plots(h: dict, cfg: dict) -> list[str]:
+    """Scores (positives against negatives, kept against dropped, the guide's) and margins."""
+    out = ["<h2>Scores</h2>"]
     if "scores" in h:
         out.append(
             hist_svg(
@@ -193,6 +173,12 @@ def render(m: dict) -> str:
         out.append(hist_svg(h["margins"], [("margin", "margin", POS)], "positive - negative score", "margins", vlines))
     else:
         out.append('<p class="note">No margins recorded.</p>')
+    return out
+
+
+def _count_plots(h: dict, c: dict, cfg: dict) -> list[str]:
+    """The filter funnel, negatives per pair, kept candidates per query and negative ranks."""
+    out: list[str] = []
     out += ["<h2>Filter funnel</h2>", _funnel(c)]
     out.append(
         f'<p class="note">Candidates in ranks [{_e(cfg.get("range_min", 0))}, {_e(cfg.get("range_max", "?"))}) '
@@ -215,6 +201,32 @@ def render(m: dict) -> str:
     if "negative_ranks" in h:
         out.append("<h2>Negative ranks</h2>")
         out.append(counts_svg(h["negative_ranks"]["counts"], "rank (0 = nearest non-positive)", "negatives", "ranks"))
+    return out
+
+
+def render(m: dict) -> str:
+    """The report page for manifest `m`, as one HTML string."""
+    c = m.get("counts") or {}
+    cfg = m.get("config") or {}
+    h = m.get("histograms") or {}
+    created = m.get("created_unix")
+    when = dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if created else "?"
+    out = [
+        f'<h1>negprep report</h1><p class="sub">{_e(m.get("output", ""))} &middot; {m.get("rows", 0):,} '
+        f"{_e(m.get('format', ''))} rows &middot; model {_e(cfg.get('model', ''))} &middot; {when} &middot; "
+        f"negprep {_e(m.get('negprep_version') or '')}</p>",
+        '<div class="tiles">',
+        _tile("output rows", int(m.get("rows", 0))),
+        _tile("queries", int(c.get("queries", 0))),
+        _tile("(query, positive) pairs", int(c.get("pairs", 0))),
+        _tile("negatives chosen", int(c.get("negatives", 0))),
+        _tile(f"pairs short of {cfg.get('num_negatives', '?')}", int(c.get("pairs_short", 0)), c.get("pairs_short", 0)),
+        _tile("input rows rejected", int(c.get("rows_rejected", 0)), c.get("rows_rejected", 0)),
+        "</div>",
+        "<h2>Inputs</h2>",
+        _inputs_section(m),
+    ]
+    out += _score_plots(h, cfg) + _count_plots(h, c, cfg)
     out.append(_clusters(m))
     timings = m.get("timings_s") or {}
     out += [

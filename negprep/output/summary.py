@@ -36,8 +36,21 @@ def format_summary(m: dict) -> str:
         f"(with no candidate left: {_n(c.get('queries_without_candidates', 0))}); "
         f"pairs short: {_n(c.get('pairs_short', 0))}; negatives chosen: {_n(c.get('negatives', 0))}"
     )
-    head = f"  {'':16}" + "".join(f"{k:>9}" for k in ("min", "p05", "p25", "p50", "p75", "p95", "max"))
-    lines.append(head)
+    lines += _score_lines(m) + _topic_lines(m)
+    lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
+    for name, e in (m.get("exports") or {}).items():
+        lines.append(f"  export {name}: {m['output']}/{e['path']}/ ({_n(e['queries'])} queries, "
+                     f"{_n(e['positives'])} positives, {_n(e['negatives'])} negatives)")
+    if m.get("teacher"):
+        lines.append(f"  teacher scores (`scores`): the {m['teacher']['role']} model, {m['teacher']['model']}")
+    lines.append(f'  load: datasets.load_dataset("{m["output"]}", "mnrl", split="train")  (or "distill", "default")')
+    return "\n".join(lines)
+
+
+def _score_lines(m: dict) -> list[str]:
+    """The score quantiles: a header and one line per sampled score."""
+    lines = [f"  {'':16}" + "".join(f"{k:>9}" for k in ("min", "p05", "p25", "p50", "p75", "p95", "max"))]
     labels = {"positive_scores": "positive", "kept_scores": "kept cand.", "dropped_scores": "dropped cand.",
               "negative_scores": "negative", "negative_ranks": "negative rank", "margins": "margin"}
     for name, q in m["scores"].items():
@@ -45,6 +58,12 @@ def format_summary(m: dict) -> str:
             base = name.replace("_guide", "")
             label = labels.get(base, base) + (" (guide)" if "_guide" in name else "")
             lines.append(f"  {label:16}" + "".join(f"{v:>9.4g}" for v in q.values()))
+    return lines
+
+
+def _topic_lines(m: dict) -> list[str]:
+    """The clusters and the topic batches, when the job has them."""
+    lines = []
     cl, b = m.get("clusters"), m.get("batches")
     if cl:
         s = cl["sizes"]
@@ -63,15 +82,7 @@ def format_summary(m: dict) -> str:
                f"apart, {_n(b['guard_pairs_separated'])} of them would have shared a batch, "
                f"{_n(b['rows_left_out_by_guard'])} rows left out for it" if b.get("batch_guard") else "")
         )
-    lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
-    lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
-    for name, e in (m.get("exports") or {}).items():
-        lines.append(f"  export {name}: {m['output']}/{e['path']}/ ({_n(e['queries'])} queries, "
-                     f"{_n(e['positives'])} positives, {_n(e['negatives'])} negatives)")
-    if m.get("teacher"):
-        lines.append(f"  teacher scores (`scores`): the {m['teacher']['role']} model, {m['teacher']['model']}")
-    lines.append(f'  load: datasets.load_dataset("{m["output"]}", "mnrl", split="train")  (or "distill", "default")')
-    return "\n".join(lines)
+    return lines
 
 
 def format_check(source: str, job: Job, stats: dict[str, dict]) -> str:
