@@ -138,6 +138,22 @@ def embedder(threads: int, gpus: float = 0.0) -> Resources:
     return Resources(cpus=0, gpus=gpus) if gpus else Resources(cpus=threads)
 
 
+def _todo(parts: list[EmbedPart], force: bool) -> tuple[dict, list[tuple[EmbedPart, Shard]]]:
+    """(stats per part with the shards reused, the (part, shard) pairs to embed: the most work first,
+    so the last actor is not left with the longest shard)."""
+    stats = {p.name: {"shards": len(p.shards), "shards_reused": 0, "rows_embedded": 0, "seconds": 0.0}
+             for p in parts}
+    todo = []
+    for p in parts:
+        done = set() if force else set(p.encoded.folder.ls(".parquet"))
+        for s in p.shards:
+            if s.embedding in done:
+                stats[p.name]["shards_reused"] += 1
+            else:
+                todo.append((p, s))
+    return stats, sorted(todo, key=lambda ps: -ps[1].work)
+
+
 def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, force: bool = False,
                 gpus: float = 0.0) -> dict:
     """Embed every shard of `parts` whose embedding file is not there yet (every shard with `force`);
@@ -149,20 +165,9 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
     """
     model = {replace(p.encoded.spec, prompt="") for p in parts}
     assert len(model) == 1, "one embedding pool serves one model"
-    stats = {p.name: {"shards": len(p.shards), "shards_reused": 0, "rows_embedded": 0, "seconds": 0.0}
-             for p in parts}
-    todo = []
-    for p in parts:
-        done = set() if force else set(p.encoded.folder.ls(".parquet"))
-        for s in p.shards:
-            if s.embedding in done:
-                stats[p.name]["shards_reused"] += 1
-            else:
-                todo.append((p, s))
+    stats, todo = _todo(parts, force)
     if not todo:
         return stats
-    # the most work first, so the last actor is not left with the longest shard
-    todo.sort(key=lambda ps: -ps[1].work)
     spec = model.pop()
     batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
