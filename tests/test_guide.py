@@ -183,8 +183,8 @@ def test_crossencoder_on_cuda_scores_pairs_tokenised_in_a_cpu_task(tmp_path, mon
     tokenizer.json, batched by length, give the CPU path's scores; auto is bfloat16 there."""
     import numpy as np
 
-    from negprep.models.devices import CUDA_ON_CPU
     from negprep.models.cross_encoder import CrossEncoder, tokenize_pairs
+    from negprep.models.devices import CUDA_ON_CPU
 
     monkeypatch.setenv(CUDA_ON_CPU, "1")
     ce = build_tiny_bert(tmp_path / "tiny-ce", seed=2, classifier=True)
