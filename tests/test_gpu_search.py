@@ -20,7 +20,7 @@ import pytest
 
 from negprep.config import SearchConfig, parse_job
 from negprep.errors import ConfigError
-from negprep.index import faiss_shard, gpu_knn
+from negprep.index import faiss_shard, gpu_knn, placement
 from negprep.paths import Folder
 from negprep.schemas import conform
 
@@ -258,33 +258,31 @@ def test_rescoring_threads_on_cuda_equal_cpu(cuda_on_cpu, tmp_path):
 def test_gpu_index_shards_ask_for_their_rescoring_cpus():
     """On CUDA an index shard actor asks Ray for its share of its GPU node's CPUs (whole ones when
     one or more), never more than a node can give every shard it may hold."""
-    from negprep.stages import search
-
     mb = 1 << 20
     big = 1 << 40
     # one 16-CPU node with 8 GPUs: 8 shards at once take 2 CPUs each; one shard takes all 16
-    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8) == (2, 2.0)
-    assert search.gpu_shard_cpus([(16, 8, big)], mb, 1) == (16, 16.0)
-    assert search.gpu_shard_cpus([(16, 8, big)], mb, 3) == (5, 5.0)  # 16 / 3: whole CPUs
+    assert placement.gpu_shard_cpus([(16, 8, big)], mb, 8) == (2, 2.0)
+    assert placement.gpu_shard_cpus([(16, 8, big)], mb, 1) == (16, 16.0)
+    assert placement.gpu_shard_cpus([(16, 8, big)], mb, 3) == (5, 5.0)  # 16 / 3: whole CPUs
     # search.threads: the threads, but never more CPUs than the node's share
-    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=4) == (4, 2.0)
-    assert search.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=1) == (1, 1.0)
+    assert placement.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=4) == (4, 2.0)
+    assert placement.gpu_shard_cpus([(16, 8, big)], mb, 8, threads=1) == (1, 1.0)
     # fewer CPUs than GPUs: a fraction each, so both actors still fit the node
-    assert search.gpu_shard_cpus([(1, 2, big)], mb, 2) == (1, 0.5)
+    assert placement.gpu_shard_cpus([(1, 2, big)], mb, 2) == (1, 0.5)
     # memory holds 2 shards on the 8-GPU node: they share its CPUs by 2
-    assert search.gpu_shard_cpus([(16, 8, 2 * mb)], mb, 8) == (8, 8.0)
+    assert placement.gpu_shard_cpus([(16, 8, 2 * mb)], mb, 8) == (8, 8.0)
     # nodes differ: the smallest share, wherever Ray places them; a CPU-less node holds none
     nodes = [(32, 4, big), (8, 4, big), (0, 8, big)]
-    assert search.gpu_shard_cpus(nodes, mb, 8) == (2, 2.0)
-    assert search.gpu_fit(nodes, mb) == 8 and search.gpu_fit(nodes, 8 * big) == 0
-    assert search.gpu_shard_cpus([], mb, 1) == (1, 1.0)
+    assert placement.gpu_shard_cpus(nodes, mb, 8) == (2, 2.0)
+    assert placement.gpu_fit(nodes, mb) == 8 and placement.gpu_fit(nodes, 8 * big) == 0
+    assert placement.gpu_shard_cpus([], mb, 1) == (1, 1.0)
     # every node can hold all the shards it may get
     for nodes, size in (([(16, 8, big)], 8), ([(6, 4, big), (3, 2, big)], 5), ([(3, 8, big)], 8)):
-        ask = search.gpu_shard_cpus(nodes, mb, size)[1]
+        ask = placement.gpu_shard_cpus(nodes, mb, size)[1]
         assert all(ask * min(g, size) <= c for c, g, _ in nodes)
-    res = search.search_resources(mb, 1.0, 2.0)
+    res = placement.search_resources(mb, 1.0, 2.0)
     assert res["index_shard"].cpus == 2.0 and res["index_shard"].gpus == 1.0 and res["coordinator"].cpus == 0
-    assert search.search_resources(mb)["index_shard"].cpus == 0.01  # the CPU: a token CPU, as before
+    assert placement.search_resources(mb)["index_shard"].cpus == 0.01  # the CPU: a token CPU, as before
 
 
 def test_gpu_search_imports_without_ray_faiss_polars():
@@ -314,12 +312,13 @@ def test_gpu_layout_spreads_over_gpus_and_sizes_by_gpu_memory(tmp_path):
     inputs = search.SearchInputs(folder, tuple(Shard(f"c{i}.parquet", n, n, f"c{i}") for i, n in enumerate(rows)),
                                  folder, (), folder.file("q.parquet"))
     cfg = SearchConfig(device="cuda", shard_mb=0.001)  # shard_mb does not apply on cuda
-    shards, need = search.layout(cfg, inputs, "cuda", 4)
+    shards, need = placement.layout(cfg, inputs.passages, inputs.corpus_shards, "cuda", 4)
     assert [sum(p.stop - p.start for p in s) for s in shards] == [100] * 4  # one per GPU
     assert need == 100 * faiss_shard.bytes_per_row(8, cfg)  # host memory: the float32 copy and the ids
     small = SearchConfig(device="cuda", gpu_shard_mb=16 * 60 / 2**20)  # 60 rows of 8 float16
-    assert max(sum(p.stop - p.start for p in s) for s in search.layout(small, inputs, "cuda", 1)[0]) <= 60
-    assert len(search.layout(SearchConfig(shard_mb=0.001), inputs)[0]) > 10  # the CPU is sized by shard_mb
+    corpus = (inputs.passages, inputs.corpus_shards)
+    assert max(sum(p.stop - p.start for p in s) for s in placement.layout(small, *corpus, "cuda", 1)[0]) <= 60
+    assert len(placement.layout(SearchConfig(shard_mb=0.001), *corpus)[0]) > 10  # the CPU is sized by shard_mb
 
 
 def test_search_device_cuda_without_a_gpu_is_one_line(ray_session, tiny_bert, demo_data, tmp_path):

@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from negprep import execution
 from negprep.config import SearchConfig
 from negprep.errors import ConfigError
 from negprep.execution import Executor, Resources
-from negprep.index.faiss_shard import IndexShard, Piece, bytes_per_row, plan_shards, top_k
+from negprep.index.faiss_shard import IndexShard, Piece, top_k
+from negprep.index.placement import layout, placement, search_resources
 from negprep.input.shards import Shard
 from negprep.models.vectors import table_vectors
 from negprep.paths import File, Folder, stage_key
@@ -266,12 +266,6 @@ def search_settings(cfg: SearchConfig) -> dict:
     }
 
 
-def _dim(file: File) -> int:
-    with file.folder.open(file.name) as f:
-        batch = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=["embedding"]))
-        return len(batch.column(0)[0])
-
-
 def search_key(run: Run) -> str:
     """What the candidates depend on: both encoders, the embedded shards, the positives, the window
     and the settings that change the candidates."""
@@ -294,67 +288,6 @@ class SearchInputs:
     exclusions: File | None = None  # query_id, doc_id: removed from the candidates like positives
 
 
-def gpu_slots(gpus: float) -> int:
-    """Index shards the cluster's GPUs hold at once: one per whole GPU (at least one)."""
-    return max(1, int(gpus))
-
-
-def layout(cfg: SearchConfig, inputs: SearchInputs, device: str = "cpu",
-           gpus: float = 0.0) -> tuple[list[tuple[Piece, ...]], int]:
-    """The index shards of the corpus, and the host memory (bytes) one of them needs.
-
-    On the CPU a shard is at most `search.shard_mb`. On CUDA its float16 vectors are at most
-    `search.gpu_shard_mb` of GPU memory, and the corpus is spread over all the cluster's GPUs (one
-    shard per GPU when it fits); its host memory is the float32 copy and the ids."""
-    files = [(s.embedding, s.rows) for s in inputs.corpus_shards if s.rows]
-    dim = _dim(inputs.passages.file(files[0][0])) if files else 0
-    per_row = bytes_per_row(dim, cfg)
-    if device == "cuda":
-        total = sum(rows for _, rows in files)
-        rows = min(int(cfg.gpu_shard_mb * 2**20) // max(1, 2 * dim), math.ceil(total / gpu_slots(gpus)))
-    else:
-        rows = int(cfg.shard_mb * 2**20) // per_row
-    shards = plan_shards(files, max(1, rows))
-    return shards, max((sum(p.stop - p.start for p in s) for s in shards), default=0) * per_row
-
-
-def search_resources(need: int, gpus: float = 0.0, cpus: float = 0.01) -> dict[str, Resources]:
-    return {
-        # memory is reserved by Ray's scheduler, so a shard never lands on a node too small for
-        # it; on the CPU a token CPU keeps actors off CPU-less nodes (a head started with
-        # --num-cpus=0) and faiss's threads take what the node has. On CUDA each index shard actor
-        # holds one GPU (Ray sets CUDA_VISIBLE_DEVICES to it) and the CPUs of its exact rescoring
-        # (`gpu_shard_cpus`), so nothing else Ray schedules there competes with them
-        "index_shard": Resources(cpus=cpus, gpus=gpus, memory=max(need, 1), spread=True),
-        "coordinator": Resources(cpus=0),  # mostly waits on the index shards
-        "merge": Resources(cpus=1),
-    }
-
-
-def gpu_shard_cpus(nodes: list[tuple[float, float, float]], need: int, size: int,
-                   threads: int = 0) -> tuple[int, float]:
-    """On CUDA: (threads, CPUs asked of Ray) of each index shard actor, given the GPU nodes'
-    (CPUs, GPUs, memory for tasks) and `size` index shards at once.
-
-    A node holds at most min(its GPUs, its memory / `need`, `size`) of them; Ray picks the node, so
-    each actor asks at most the smallest share of a node's CPUs among those shards (whole CPUs
-    when it is one or more), and the actors of a group are never left waiting for CPUs. Its
-    threads (the exact rescoring's) are `threads` (`search.threads`) when set, else that share, at
-    least 1. Nodes without CPUs hold none (`gpu_fit`)."""
-    shares = [cpus / min(slots, max(1, size)) for cpus, gpus, mem in nodes
-              if cpus > 0 and (slots := min(int(gpus), int(mem // max(need, 1)))) > 0]
-    share = min(shares, default=1.0)
-    threads = threads or max(1, int(share))
-    ask = float(min(threads, int(share))) if share >= 1 else max(math.floor(share * 1e4) / 1e4, 1e-4)
-    return threads, ask
-
-
-def gpu_fit(nodes: list[tuple[float, float, float]], need: int) -> int:
-    """Index shard actors the GPU nodes (CPUs, GPUs, memory for tasks) hold at once: one per GPU
-    within each node's memory, on nodes with CPUs (the actors ask for some)."""
-    return sum(min(int(g), int(mem // max(need, 1))) for c, g, mem in nodes if c > 0)
-
-
 def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Folder, range_max: int,  # noqa: PLR0913
                force: bool = False, device: str = "cpu", gpus: float = 0.0) -> dict:
     """Search every query shard not yet in `sdir` (all of them with `force`) on the resolved
@@ -365,7 +298,7 @@ def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Fold
         sdir.rm("", recursive=True)
     done = set(sdir.ls(".parquet"))
     todo = [s for s in inputs.query_shards if s.name not in done]
-    shards, need = layout(cfg, inputs, device, gpus)
+    shards, need = layout(cfg, inputs.passages, inputs.corpus_shards, device, gpus)
     stats: dict[str, Any] = {
         "index": cfg.index,
         "device": device,
@@ -435,26 +368,6 @@ def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Sh
         {"gpus_per_index_shard": 1.0, "cpus_per_index_shard": cpus} if gpu else {})
 
 
-def placement(cfg: SearchConfig, shards: int, need: int, device: str = "cpu") -> tuple[int, int, float]:
-    """(index shards at once, 0 when none fits; threads per index shard; CPUs each asks of Ray).
-
-    On the CPU the shards that fit the nodes' memory run at once, each asking a token CPU, with
-    faiss's (and the rescoring's) threads `search.threads`, else the cluster's CPUs divided among
-    them (at most a node's). On CUDA one per GPU within the GPU nodes' memory, with the CPUs and
-    threads of `gpu_shard_cpus`."""
-    if device == "cuda":  # GPU actors land on GPU nodes only: at most one per GPU, and their host memory there
-        gnodes = execution.gpu_node_cpus()
-        fit = gpu_fit(gnodes, need)
-        threads, cpus = gpu_shard_cpus(gnodes, need, min(shards, fit) or 1, cfg.threads)
-        return fit and min(shards, fit), threads, cpus
-    nodes = execution.nodes()
-    fit = sum(int(mem // max(need, 1)) for _, mem in nodes)
-    size = min(shards, fit) or 1
-    total = sum(c for c, _ in nodes)
-    threads = cfg.threads or max(1, min(int(max((c for c, _ in nodes), default=1)), int(total // size)))
-    return fit and min(shards, fit), threads, 0.01
-
-
 class Search(Stage):
     name = "search"
 
@@ -466,7 +379,8 @@ class Search(Stage):
 
     def resources(self, run: Run) -> dict[str, Resources]:
         device = run.devices.get("search", "cpu")
-        shards, need = layout(run.job.search, self.inputs(run), device, run.gpus)
+        inputs = self.inputs(run)
+        shards, need = layout(run.job.search, inputs.passages, inputs.corpus_shards, device, run.gpus)
         cpus = placement(run.job.search, len(shards), need, device)[2]
         return search_resources(need, 1.0 if device == "cuda" else 0.0, cpus)
 
