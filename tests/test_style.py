@@ -12,7 +12,7 @@ from .conftest import ROOT
 FUNCTION_LINES, MODULE_LINES = 60, 400
 #: what is still over the sizes, to be split; nothing may join this list, and a split removes its entry
 OVER = {
-    "negprep/input/checks.py", "negprep/models/encoders.py",
+    "negprep/models/encoders.py",
 }
 
 

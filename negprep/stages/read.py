@@ -38,6 +38,7 @@ from negprep.execution import Resources
 from negprep.input import checks, pieces
 from negprep.input.files import fingerprints, input_files
 from negprep.input.pieces import Piece
+from negprep.input.rows import file_columns, require_columns, require_rows
 from negprep.input.shards import Shard, text_key, write_shards
 from negprep.input.tables import load_table
 from negprep.paths import Folder, stage_key
@@ -83,7 +84,7 @@ def _write(job: Job, out: Folder, res: dict, corpus_shards: list[Shard], passage
 
 def check(job: Job, piece: Piece, folder: Folder, buckets: int, columns: dict[str, str] | None = None) -> dict:
     """Read one piece and run its per-row checks; writes `pieces/<name>/` and returns its summary.
-    `columns`: the file's columns, when this piece picked others (`checks.file_columns`)."""
+    `columns`: the file's columns, when this piece picked others (`negprep.input.rows.file_columns`)."""
     at = folder.sub("pieces", piece.name)
     table = pieces.read(piece, job.storage)
     rows, kept = checks.check_piece(job, piece.role, table, piece_of_several=not piece.whole, columns=columns)
@@ -183,7 +184,7 @@ def link(job: Job, folder: Folder, files: dict[str, str], plan: dict[str, list[P
         frames = [pl.from_arrow(a.read_parquet("kept.parquet")) for a in at] if role != "corpus" else []
         read = sum(summaries[p.name]["rows_read"] for p in ps)
         rows[role], kept[role] = checks.joined(role, files[role], ps[0].fmt, frames, rejected, read)
-        checks.require_rows(rows[role], sum(summaries[p.name]["parsed"] for p in ps))
+        require_rows(rows[role], sum(summaries[p.name]["parsed"] for p in ps))
         if role == "queries":
             ids = pl.concat([pl.from_arrow(a.read_parquet("ids.parquet")) for a in at], how="diagonal_relaxed")
     status = pl.concat([pl.from_arrow(t) for t in _read_all(folder.sub("buckets"), "status-")])
@@ -241,7 +242,7 @@ class Read(Stage):
         if cut:
             summaries |= self._check(run, folder, {r: plan[r] for r in cut}, buckets)
         for ps in plan.values():  # a column no piece has stops the job, as a whole read does
-            checks.require_columns([summaries[p.name].get("absent", []) for p in ps if summaries[p.name]["parsed"]])
+            require_columns([summaries[p.name].get("absent", []) for p in ps if summaries[p.name]["parsed"]])
         summaries |= self._agree(run, folder, plan, buckets, summaries)
         names = {role: [p.name for p in ps] for role, ps in plan.items()}
         dups = run.ex.map(resolve, [(folder, names["corpus"], names["qrels"], b) for b in range(buckets)], res,
@@ -261,7 +262,7 @@ class Read(Stage):
         only an alias of it) checked again with the file's columns; their new summaries."""
         todo = []
         for ps in plan.values():
-            columns, redo = checks.file_columns([summaries[p.name].get("picked", {}) for p in ps])
+            columns, redo = file_columns([summaries[p.name].get("picked", {}) for p in ps])
             todo += [(run.job, ps[i], folder, buckets, columns) for i in redo]
         done = run.ex.map(check, todo, self.resources(run)["piece"], desc="read: pieces again") if todo else []
         return {args[1].name: s for args, s in zip(todo, done, strict=True)}
