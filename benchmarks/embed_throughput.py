@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from negprep.config import EmbedConfig  # noqa: E402
-from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs, make_encoder, resolve_model  # noqa: E402
+from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs, make_encoder  # noqa: E402
 from negprep.models.onnx import ensure_exported  # noqa: E402
+from negprep.models.resolve import resolve_model  # noqa: E402
 from negprep.paths import Folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

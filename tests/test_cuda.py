@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from negprep.models import devices
-from negprep.models.encoders import (
-    GPU_BATCH_SIZE,
-    GPU_BATCH_TOKENS,
-    Encoder,
-    EncoderSpec,
-    text_tokenizer,
-    tokenize_piece,
-)
+from negprep.models.encoders import GPU_BATCH_SIZE, GPU_BATCH_TOKENS, Encoder, EncoderSpec
+from negprep.models.tokens import text_tokenizer, tokenize_piece
 
 
 def _has_cuda() -> bool:

@@ -11,8 +11,9 @@ import pytest
 from negprep.config import parse_job
 from negprep.errors import ConfigError
 from negprep.models import devices
-from negprep.models.encoders import GPU_BATCH_TOKENS, Encoder, EncoderSpec, encoder_specs, load_model, piece_bounds
+from negprep.models.encoders import GPU_BATCH_TOKENS, Encoder, EncoderSpec, encoder_specs, load_model
 from negprep.models.pool import ShardEmbedder, batching, embed_shard, tokenize_rows
+from negprep.models.tokens import piece_bounds
 from negprep.paths import Folder
 from negprep.runner import run_job
 

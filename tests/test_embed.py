@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs, resolve_model
+from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs
 from negprep.models.pool import actor_layout, cuda_actors
+from negprep.models.resolve import resolve_model
 
 from .conftest import shared_data
 
@@ -52,14 +53,14 @@ def test_batching_never_changes_an_embedding(tiny_bert):
 
 
 def test_texts_are_tokenized_in_chunks_without_changing_a_token(tiny_bert, monkeypatch):
-    from negprep.models import encoders
+    from negprep.models import tokens
 
     spec, _ = encoder_specs(str(tiny_bert), _Cfg())
     enc = Encoder(spec, threads=1)
     texts = [" ".join(["word"] * k) for k in range(0, 300, 7)]
     ref = [enc.tokenizer(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
     whole = enc.encode(texts)
-    monkeypatch.setattr(encoders, "TOKENIZE_CHUNK", 4)  # 43 texts: ten full chunks and a short one
+    monkeypatch.setattr(tokens, "TOKENIZE_CHUNK", 4)  # 43 texts: ten full chunks and a short one
     flat, starts, lengths = enc.tokenize(texts)
     assert flat.dtype == np.int32 and lengths.tolist() == [len(r) for r in ref]
     assert [flat[s: s + n].tolist() for s, n in zip(starts, lengths, strict=True)] == ref
@@ -135,7 +136,7 @@ def test_onnxruntime_encoder_matches_torch_and_ignores_batching(tiny_bert, tmp_p
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path, tiny_bert, demo_data):
     from negprep.config import parse_job
     from negprep.errors import ConfigError
-    from negprep.models.encoders import check_compiler
+    from negprep.models.resolve import check_compiler
     from negprep.runner import check_job
 
     monkeypatch.delenv("CXX", raising=False)

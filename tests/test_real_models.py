@@ -107,7 +107,8 @@ def test_tokenizer_json_gives_transformers_ids(model):
 
     from transformers import AutoTokenizer
 
-    from negprep.models.encoders import resolve_model, text_tokenizer
+    from negprep.models.resolve import resolve_model
+    from negprep.models.tokens import text_tokenizer
 
     path = resolve_model(model)
     lines = (shared_data("scifact") / "corpus.jsonl").read_text().splitlines()[:400]

@@ -29,16 +29,8 @@ from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources, assigned_gpus, each, node_id
 from negprep.input.shards import Shard
 from negprep.models.devices import cuda_on_cpu
-from negprep.models.encoders import (
-    GPU_BATCH_SIZE,
-    GPU_BATCH_TOKENS,
-    Encoder,
-    EncoderSpec,
-    make_encoder,
-    piece_bounds,
-    text_tokenizer,
-    tokenize_piece,
-)
+from negprep.models.encoders import GPU_BATCH_SIZE, GPU_BATCH_TOKENS, Encoder, EncoderSpec, make_encoder
+from negprep.models.tokens import piece_bounds, text_tokenizer, tokenize_piece
 from negprep.models.vectors import embedding_table
 from negprep.paths import File, Folder
 from negprep.results import Encoded

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from negprep.config import Job
 from negprep.execution import Resources
-from negprep.models.encoders import check_compiler, encoder_specs, resolve_model
+from negprep.models.encoders import encoder_specs
 from negprep.models.pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
+from negprep.models.resolve import check_compiler, resolve_model
 from negprep.results import Embedded, Encoded
 from negprep.stages.base import Run, Stage
 

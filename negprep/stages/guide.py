@@ -28,8 +28,9 @@ from negprep.execution import Resources, assigned_gpus, each
 from negprep.input.shards import Shard, write_shards
 from negprep.models.cross_encoder import CrossEncoder, cross_encoder_dtype, tokenize_pairs
 from negprep.models.devices import cuda_on_cpu
-from negprep.models.encoders import check_compiler, encoder_specs, resolve_model
+from negprep.models.encoders import encoder_specs
 from negprep.models.pool import EmbedPart, actor_layout, batching, cuda_actors, embed_parts, embedder, ensure_exports
+from negprep.models.resolve import check_compiler, resolve_model
 from negprep.models.vectors import load_embeddings
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import Encoded, StageOutput
