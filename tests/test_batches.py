@@ -217,6 +217,7 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
 
     from negprep.config import parse_job
     from negprep.input.shards import text_key
+    from negprep.output.writer import Writer
     from negprep.paths import Folder
     from negprep.schemas import schema
     from negprep.stages.batch import compose_plan, passage_id_columns, write_part
@@ -258,9 +259,8 @@ def test_batch_step_on_staged_ntuple_files(tmp_path):
     staged_files = staged.files(names)
     stats, plan = compose_plan(staged_files, corpus.files(["00000.parquet"]), queries.files(["00000.parquet"]), job)
     assert stats["rows"] == stats["rows_batched"] == 8 and stats["files"] == 2
-    out = Folder(str(tmp_path / "out"))
-    written = [write_part(staged_files, plan, i, out.file(f"train-{i:05d}-of-00002.parquet"), "ntuple", 2)
-               for i in range(2)]
+    writer = Writer(Folder(str(tmp_path / "out")), "ntuple", 2, staged)
+    written = [write_part(staged_files, plan, i, writer.data_file(i, 2), writer) for i in range(2)]
     assert sum(written) == 8
     table = pq.read_table(str(tmp_path / "out"))
     assert table.schema.equals(schema("ntuple", n=2, groups=("clusters", "batches")))

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from negprep.config import Job
 from negprep.execution import Executor, Resources
+from negprep.output.writer import Writer
 from negprep.paths import Folder
 from negprep.results import Embedded, MineResult, ReadResult, StageOutput
 
@@ -43,8 +44,8 @@ class Run:
     search: StageOutput | None = None
     guide: StageOutput | None = None
     cluster: StageOutput | None = None
+    writer: Writer | None = None  # the output folder's one writer (the mine stage starts it)
     mine: MineResult | None = None
-    mined: Folder | None = None  # where the mine stage wrote its data files
     batch: dict | None = None
     manifest: dict | None = None
 

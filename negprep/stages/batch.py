@@ -31,10 +31,11 @@ from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources
 from negprep.input.shards import Shard, text_key
 from negprep.models.vectors import table_vectors
-from negprep.paths import File, Files, Folder, stage_key
+from negprep.output.writer import Writer
+from negprep.paths import File, Files, stage_key
 from negprep.rules import batching
 from negprep.rules.guard import Conflicts, conflicting_pairs, known_positive_pairs, positive_keys, zscore_caps
-from negprep.schemas import conform, spec
+from negprep.schemas import spec
 from negprep.stages.base import Run, Stage
 from negprep.stages.embed import encoders
 
@@ -242,7 +243,7 @@ def _groups(table: pa.Table, fmt: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File, fmt: str, n: int) -> int:
+def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File, writer: Writer) -> int:
     """Write output file `part` of the plan: its rows taken from the staged files, plus batch_id (Ray task)."""
     a, b = int(plan["cuts"][part]), int(plan["cuts"][part + 1])
     src, rows = plan["file"][a:b], plan["row"][a:b]
@@ -259,17 +260,18 @@ def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File,
     # a query moved to its second cluster (batching.rebalance) is written with the cluster it trains in
     table = table.set_column(table.schema.get_field_index("cluster_id"), "cluster_id",
                              pa.array(plan["cluster"][a:b], pa.int32()))
-    groups = tuple(g for g in _groups(table, fmt) if g != "batches") + ("batches",)
-    dst.write_parquet(conform(table, fmt, n=n, where=dst.uri, groups=groups))
-    return table.num_rows
+    groups = tuple(g for g in _groups(table, writer.fmt) if g != "batches") + ("batches",)
+    return writer.write_rows(dst, table, groups).num_rows
 
 
-def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queries: Files, job: Job,  # noqa: PLR0913
+def run_batches(ex: Executor, writer: Writer, corpus: Files, queries: Files, job: Job,  # noqa: PLR0913
                 clusters: Files | None = None, guard: GuardScorer | None = None) -> dict:
-    """Compose batches over every staged file, write the output data files, remove the staging folder.
+    """Compose batches over every file `writer` staged, write the output data files through it, remove
+    the staging folder.
 
-    Returns the batch stats for the manifest (rows, batches, rows merged or dropped, ...).
+    Returns the batch stats for the manifest (rows, batches, rows merged or left out, ...).
     """
+    staged = writer.staging
     names = staged.ls(".parquet")
     if not names:
         raise RuntimeError(f"{staged.url}: no mined files to compose batches from")
@@ -279,8 +281,7 @@ def run_batches(ex: Executor, staged: Folder, data: Folder, corpus: Files, queri
                                     returns=2)
     stats = execution.get(stats_ref)
     parts = stats["files"]
-    calls = [(files, plan_ref, i, data.file(f"train-{i:05d}-of-{parts:05d}.parquet"), job.format, job.num_negatives)
-             for i in range(parts)]
+    calls = [(files, plan_ref, i, writer.data_file(i, parts), writer) for i in range(parts)]
     written = ex.map(write_part, calls, res["writer"], desc="batch")
     if sum(written) != stats["rows_batched"]:
         raise RuntimeError(f"batch stage wrote {sum(written)} rows, planned {stats['rows_batched']}")
@@ -303,5 +304,5 @@ class Batch(Stage):
 
     def run(self, run: Run, force: bool) -> None:
         clusters = run.cluster.folder.files([s.name for s in run.read.query_shards])
-        run.batch = run_batches(run.ex, run.mined, run.out.sub("data"), run.read.corpus, run.read.query_texts, run.job,
-                                clusters, guard_scorer(run))
+        run.batch = run_batches(run.ex, run.writer, run.read.corpus, run.read.query_texts, run.job, clusters,
+                                guard_scorer(run))

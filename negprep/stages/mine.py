@@ -20,13 +20,12 @@ import pyarrow as pa
 
 from negprep.config import Job
 from negprep.execution import Resources
-from negprep.output.formats import write_exports
-from negprep.output.writer import prepare_output
+from negprep.output.writer import Writer
 from negprep.paths import File, Files, Folder, stage_key
 from negprep.results import MineResult
 from negprep.rules import mining
 from negprep.rules.candidates import Mined, mine_candidates
-from negprep.schemas import conform, schema
+from negprep.schemas import schema
 from negprep.stages.base import Run, Stage
 
 SAMPLE = 100_000  # scores per shard kept for the manifest's quantiles
@@ -115,16 +114,13 @@ class MineTask:
     candidates: File
     queries: File
     corpus: Files
-    dst: File
+    dst: File  # the shard's rows, in `writer.mined`
     rules: mining.Rules
-    fmt: str
+    writer: Writer  # the output's writer: rows cast to the format, the grouped exports
     guide: File | None = None  # the shard's guide scores (schemas/guide_scores.yaml)
     dropped: File | None = None  # the audit of dropped candidates
     clusters: File | None = None  # the shard's query clusters (schemas/clusters.yaml), written as `cluster_id`
     embeddings: Files | None = None  # the corpus's embedding files (mining model), for the near-copy rule
-    exports: tuple[str, ...] = ()  # grouped exports, written to `export_to`/<export>/ (negprep.output.formats)
-    export_to: Folder | None = None
-    export_settings: dict | None = None
 
 
 def mine_shard(task: MineTask) -> MineResult:
@@ -143,7 +139,7 @@ def mine_shard(task: MineTask) -> MineResult:
             found = task.embeddings.lookup(ids, "embedding")
             return {d: (v := np.asarray(x, dtype=np.float64)) / max(np.linalg.norm(v), 1e-12) for d, x in found.items()}
     mined, counts = mine_candidates(cand, rules, gtable, keys, vectors)
-    cols = rows_for_output(mined, task.fmt, rules.num_negatives)
+    cols = rows_for_output(mined, task.writer.fmt, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
     passages = task.corpus.lookup({d for c in id_cols for d in cols[c]}, "text")
     qt = task.queries.read_parquet(columns=["id", "text"])
@@ -157,15 +153,10 @@ def mine_shard(task: MineTask) -> MineResult:
         cid = dict(zip(ct.column("query_id").to_pylist(), ct.column("cluster_id").to_pylist(), strict=True))
         cols["cluster_id"] = [cid[q] for q in cols["query_id"]]
         groups += ("clusters",)
-    table = conform(pa.table(cols), task.fmt, n=rules.num_negatives, where=task.dst.uri, groups=groups)
-    task.dst.write_parquet(table)
+    table = task.writer.write_rows(task.dst, pa.table(cols), groups)
     if task.dropped:
         task.dropped.write_parquet(dropped_rows(mined))
-    grouped = {}
-    if task.exports:
-        stem = task.dst.name.removesuffix(".parquet")
-        grouped = write_exports(task.export_to, list(task.exports), stem, table, task.fmt, rules.num_negatives,
-                                task.export_settings or {})
+    grouped = task.writer.write_exports(task.dst, table)
     counts["rows"] = table.num_rows
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     return MineResult(counts, score_samples(mined), count_distributions(mined), grouped)
@@ -221,25 +212,22 @@ class Mine(Stage):
 
     def run(self, run: Run, force: bool) -> None:
         job, read = run.job, run.read
-        prepare_output(run.out, run.overwrite)
+        # with batch_size the mined files are staged, then rewritten in batch order by the batch stage
+        staging = run.work.sub("unbatched", stage_key(job.output)) if job.batch_size else None
+        run.writer = Writer(run.out, job.format, job.num_negatives, staging, tuple(job.exports),
+                            job.export.model_dump())
+        run.writer.prepare(run.overwrite)
         audit = Folder(job.dropped, job.storage) if job.dropped else None
         if audit:
             audit.rm("", recursive=True)
-        # with batch_size the mined files are staged, then rewritten in batch order by the batch stage
-        dst = run.work.sub("unbatched", stage_key(job.output)) if job.batch_size else run.out.sub("data")
-        if job.batch_size:
-            dst.rm("", recursive=True)
         n, r = len(read.query_shards), rules(job)
         tasks = [
             (MineTask(run.search.file(s), read.query_texts.folder.file(s.name), read.corpus,
-                      dst.file(f"train-{i:05d}-of-{n:05d}.parquet"), r, job.format,
+                      run.writer.mined.file(f"train-{i:05d}-of-{n:05d}.parquet"), r, run.writer,
                       guide=run.guide.file(s) if run.guide else None,
                       dropped=audit.file(f"part-{i:05d}.parquet") if audit else None,
                       clusters=run.cluster.file(s) if run.cluster else None,
-                      embeddings=run.embed.passages.files(read.corpus_shards) if job.near_duplicate else None,
-                      exports=tuple(job.exports),
-                      export_to=run.out, export_settings=job.export.model_dump()),)
+                      embeddings=run.embed.passages.files(read.corpus_shards) if job.near_duplicate else None),)
             for i, s in enumerate(read.query_shards)
         ]
         run.mine = MineResult.merge(run.ex.map(mine_shard, tasks, self.resources(run)["miner"], desc="mine"))
-        run.mined = dst

@@ -10,30 +10,24 @@ from __future__ import annotations
 import time
 
 from negprep.output.manifest import build_manifest
-from negprep.output.report import publish_docs
-from negprep.output.writer import finish_output
-from negprep.paths import Folder
+from negprep.output.writer import Writer
 from negprep.results import ReadResult
 from negprep.stages.base import Run, Stage
 
 
-def publish_rejected(read: ReadResult, out: Folder) -> str | None:
+def publish_rejected(read: ReadResult, writer: Writer) -> str | None:
     """Copy the rejected input rows next to the output when there are any; returns the path
     relative to the output. Under on_bad_input: strict there never are."""
     if not read.rows_rejected:
         return None
-    name = "rejected/input.parquet"
-    out.write_bytes(name, read.folder.read_bytes(read.rejected.name))
-    return name
+    return writer.write_rejected(read.folder.read_bytes(read.rejected.name))
 
 
 class Publish(Stage):
     name = "publish"
 
     def run(self, run: Run, force: bool) -> None:
-        rejected = publish_rejected(run.read, run.out)
+        rejected = publish_rejected(run.read, run.writer)
         run.timings["total"] = round(time.perf_counter() - run.started, 3)
         run.manifest = build_manifest(run, rejected)
-        run.out.write_json("manifest.json", run.manifest)
-        publish_docs(run.out, run.manifest)
-        finish_output(run.out)
+        run.writer.publish(run.manifest)
