@@ -89,7 +89,7 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     from negprep.config import SearchConfig
     from negprep.execution import Executor
-    from negprep.index.faiss_shard import IndexShard, Piece
+    from negprep.index.faiss_shard import IndexShard, RowSpan
     from negprep.input.shards import Shard
     from negprep.models.vectors import table_vectors
     from negprep.paths import Folder
@@ -117,7 +117,7 @@ def search_rates(args: argparse.Namespace, tmp: Path) -> list[dict]:
     write(qdir, "q.parquet", [f"q{j}" for j in range(nq)], vectors(nq))
     base.write_parquet("qrels.parquet", pa.table({"query_id": [f"q{j}" for j in range(nq)], "doc_id": ["d0"] * nq}))
     out = []
-    pieces = tuple(Piece(f"c{i}.parquet", 0, c.rows) for i, c in enumerate(corpus))
+    pieces = tuple(RowSpan(f"c{i}.parquet", 0, c.rows) for i, c in enumerate(corpus))
     qvec = table_vectors(qdir.read_parquet("q.parquet"))[1]
     k = 51  # range_max 50 + one positive
     for index in ("flat", "ivf"):

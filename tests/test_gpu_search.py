@@ -42,7 +42,7 @@ def _shards(tmp: Path, ids: list[str], vecs: np.ndarray,
     """The same rows as a CPU (faiss) and a CUDA (torch) index shard."""
     folder = Folder(str(tmp))
     folder.write_parquet("c.parquet", _emb_table(ids, vecs))
-    pieces = (faiss_shard.Piece("c.parquet", 0, len(ids)),)
+    pieces = (faiss_shard.RowSpan("c.parquet", 0, len(ids)),)
     return (faiss_shard.IndexShard(folder, pieces, SearchConfig(), 1, "cpu"),
             faiss_shard.IndexShard(folder, pieces, SearchConfig(), 1, device))
 
@@ -210,7 +210,7 @@ def _rescore_shard(tmp: Path, threads: int, device: str = "cpu") -> faiss_shard.
         vecs = rng.standard_normal((3000, 64)).astype(np.float32)
         vecs[2000:2100] = vecs[:100]  # ties
         folder.write_parquet("c.parquet", _emb_table([f"p{(i * 37) % 3000:05d}" for i in range(3000)], vecs))
-    return faiss_shard.IndexShard(folder, (faiss_shard.Piece("c.parquet", 0, 3000),), SearchConfig(), threads, device)
+    return faiss_shard.IndexShard(folder, (faiss_shard.RowSpan("c.parquet", 0, 3000),), SearchConfig(), threads, device)
 
 
 def test_rescoring_on_threads_is_bit_identical(monkeypatch, tmp_path):

@@ -110,7 +110,7 @@ def _brute_force(v, range_max: int) -> list[tuple[list[str], list[float]]]:
 def test_plan_shards_balances_and_splits_files():
     shards = faiss_shard.plan_shards([("a", 5), ("b", 10), ("c", 1)], 6)
     assert [sum(p.stop - p.start for p in s) for s in shards] == [6, 6, 4]
-    assert shards[0] == (faiss_shard.Piece("a", 0, 5), faiss_shard.Piece("b", 0, 1))
+    assert shards[0] == (faiss_shard.RowSpan("a", 0, 5), faiss_shard.RowSpan("b", 0, 1))
     assert faiss_shard.plan_shards([], 10) == []
 
 

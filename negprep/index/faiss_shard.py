@@ -38,8 +38,8 @@ RESCORE_MIN = 1 << 20  # ... and of one thread's step at least, so the steps are
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Rows [start, stop) of one corpus embedding file: index shards are lists of pieces."""
+class RowSpan:
+    """Rows [start, stop) of one corpus embedding file: an index shard is a tuple of spans."""
 
     name: str
     start: int
@@ -54,21 +54,21 @@ def bytes_per_row(dim: int, cfg: SearchConfig) -> int:
     return vec + ID_BYTES + extra
 
 
-def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[tuple[Piece, ...]]:
+def plan_shards(files: list[tuple[str, int]], rows_per_shard: int) -> list[tuple[RowSpan, ...]]:
     """Cut (file, rows) into consecutive index shards of at most `rows_per_shard` rows each,
     splitting files where needed, sizes balanced (the last shard is not a small remainder)."""
     total = sum(rows for _, rows in files)
     if total == 0:
         return []
     size = math.ceil(total / math.ceil(total / rows_per_shard))
-    shards: list[tuple[Piece, ...]] = []
-    current: list[Piece] = []
+    shards: list[tuple[RowSpan, ...]] = []
+    current: list[RowSpan] = []
     room = size
     for name, rows in files:
         start = 0
         while start < rows:
             take = min(room, rows - start)
-            current.append(Piece(name, start, start + take))
+            current.append(RowSpan(name, start, start + take))
             start += take
             room -= take
             if room == 0:
@@ -121,7 +121,7 @@ class IndexShard:
     `threads`: faiss's threads on the CPU, and on every device the threads of the exact rescoring.
     """
 
-    def __init__(self, folder: Folder, pieces: tuple[Piece, ...], cfg: SearchConfig, threads: int,
+    def __init__(self, folder: Folder, pieces: tuple[RowSpan, ...], cfg: SearchConfig, threads: int,
                  device: str = "cpu"):
         # flat on CUDA: the exact path's neighbours come from a half-precision matmul on the GPU
         # (negprep.index.gpu_knn) instead of faiss; everything after (rescoring, ties, bound) is shared

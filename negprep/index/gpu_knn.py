@@ -3,7 +3,7 @@
 `TorchKnn` holds the passage matrix of one index shard on the device in float16 and answers
 `knn(q, want)` -> (approximate scores, rows) by matmul and `torch.topk`, queries in batches whose
 score matrix (and top-k) fits a score buffer: on CUDA a share of the GPU's free memory once the
-passages are on it (`score_budget`, `query_rows`), on CPU tensors a fixed `SCORE_MB`. The scores
+passages are on it (`score_budget`, `queries_per_matmul`), on CPU tensors a fixed `SCORE_MB`. The scores
 are approximate; `bound(q)` gives, per query, a proven bound on |approximate - exact| for every
 passage, so the caller (negprep.index.faiss_shard.IndexShard) can rescore the returned rows exactly and know
 when a row that was not returned could still reach its k-th exact score (then it fetches more).
@@ -113,7 +113,7 @@ def score_budget(free_bytes: int | None) -> int:
     return int(min(max(free_bytes * SCORE_FRACTION, SCORE_MIN), SCORE_MAX))
 
 
-def query_rows(budget_bytes: float, passages: int, want: int, dim: int = 0) -> int:
+def queries_per_matmul(budget_bytes: float, passages: int, want: int, dim: int = 0) -> int:
     """Queries per matmul: as many as `budget_bytes` holds at 4 bytes a score (float32; a float16
     matrix is smaller), `TOPK_BYTES` per wanted neighbour and the float16 query itself, at most
     `MAX_ROWS` and `MAX_SCORES` scores, at least one."""
@@ -123,10 +123,10 @@ def query_rows(budget_bytes: float, passages: int, want: int, dim: int = 0) -> i
 
 
 def batch_rows_for(free_bytes: int | None, passages: int, want: int, dim: int = 0) -> int:
-    """Queries per matmul given the GPU's free memory (None: CPU tensors): `query_rows` of
+    """Queries per matmul given the GPU's free memory (None: CPU tensors): `queries_per_matmul` of
     `score_budget`. With an H200's ~139 GiB free, 1M x 384 passages give 2,144 queries per matmul
     (the 8 GB ceiling) and 10M give 214 (2^31 scores), where a fixed 512 MB gave 134 and 13."""
-    return query_rows(score_budget(free_bytes), passages, want, dim)
+    return queries_per_matmul(score_budget(free_bytes), passages, want, dim)
 
 
 class TorchKnn:
@@ -186,7 +186,7 @@ class TorchKnn:
 
     def batch_rows(self, want: int) -> int:
         """Queries per matmul: the score matrix (4 bytes a score) and the top-k within `score_mb`."""
-        return query_rows(self.score_mb * 2**20, self.n, want, self.dim)
+        return queries_per_matmul(self.score_mb * 2**20, self.n, want, self.dim)
 
     def knn(self, q: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         """The `want` passages of highest approximate score per query row: (scores float32, rows

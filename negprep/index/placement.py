@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from negprep import execution
 from negprep.config import SearchConfig
 from negprep.execution import Resources
-from negprep.index.faiss_shard import Piece, bytes_per_row, plan_shards
+from negprep.index.faiss_shard import RowSpan, bytes_per_row, plan_shards
 from negprep.input.shards import Shard
 from negprep.paths import File, Folder
 
@@ -27,7 +27,7 @@ def gpu_slots(gpus: float) -> int:
 
 
 def layout(cfg: SearchConfig, passages: Folder, corpus_shards: tuple[Shard, ...], device: str = "cpu",
-           gpus: float = 0.0) -> tuple[list[tuple[Piece, ...]], int]:
+           gpus: float = 0.0) -> tuple[list[tuple[RowSpan, ...]], int]:
     """The index shards of the corpus, and the host memory (bytes) one of them needs.
 
     On the CPU a shard is at most `search.shard_mb`. On CUDA its float16 vectors are at most

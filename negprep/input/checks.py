@@ -226,7 +226,7 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
     else:
         c, q, r = rows["corpus"], rows["queries"], rows["qrels"]
         corpus = c.dedup(corpus_rows(c, job), [_C_ID], "duplicate_id", "duplicate id")
-        queries, positives, unused = link(job, q, query_rows(q, job), id_lines(q), r, qrel_rows(r, job),
+        queries, positives, unused = judged_queries(job, q, query_rows(q, job), id_lines(q), r, qrel_rows(r, job),
                                           id_status(id_lines(c)), (c.name, c.t.unit))
         corpus = corpus.select(pl.col(_C_ID).alias("id"), pl.col(_C_TEXT).alias("text"))
         used = {"corpus": corpus.height, "queries": queries.height, "qrels": positives.height}
@@ -242,7 +242,7 @@ def normalise(job: Job, tables: dict[str, RawTable], policy: str | None = None) 
     }
 
 
-def link(job: Job, q: Rows, queries: pl.DataFrame, query_ids: pl.DataFrame, r: Rows, qrels: pl.DataFrame,
+def judged_queries(job: Job, q: Rows, queries: pl.DataFrame, query_ids: pl.DataFrame, r: Rows, qrels: pl.DataFrame,
          doc_status: pl.DataFrame, corpus: tuple[str, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """Queries and qrels after their per-row checks -> (queries with a positive, positives, unused
     counts): duplicates, references to queries and passages (`doc_status`: the corpus's
@@ -353,7 +353,7 @@ def joined(role: str, url: str, fmt: str, kept: list[pl.DataFrame], rejected: li
 def link_pieces(job: Job, q: Rows, queries: pl.DataFrame, query_ids: pl.DataFrame, r: Rows, qrels: pl.DataFrame,
                 doc_status: pl.DataFrame, c: Rows, passages: int) -> dict[str, Any]:
     """`normalise`'s result for an input read piece by piece (without the corpus, already in shards)."""
-    queries, positives, unused = link(job, q, queries, query_ids, r, qrels, doc_status, (c.name, c.t.unit))
+    queries, positives, unused = judged_queries(job, q, queries, query_ids, r, qrels, doc_status, (c.name, c.t.unit))
     used = {"corpus": passages, "queries": queries.height, "qrels": positives.height}
     rows = {"corpus": c, "queries": q, "qrels": r}
     stats, rejected = account(rows, used, {"corpus": {}, **unused}, job.on_bad_input, positives.height)

@@ -21,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CUDA_ON_CPU = "NEGPREP_CUDA_ON_CPU"
 
 
-def resolve(setting: str, gpus: float, key: str) -> str:
+def resolve_device(setting: str, gpus: float, key: str) -> str:
     """`cpu` or `cuda` for a device setting, given the GPUs the Ray cluster offers; `key` names the
     setting in the error."""
     if setting == "cpu":
@@ -40,7 +40,7 @@ def job_devices(job, gpus: float) -> dict[str, str]:
     """The resolved device of the job's encoder (`embed`), guide and search; ConfigError for `cuda`
     without a GPU. An onnxruntime encoder and an ivf/hnsw index run on the CPU under `auto`."""
     def one(cfg, key: str, cpu_only: bool) -> str:
-        return "cpu" if cpu_only and cfg.device == "auto" else resolve(cfg.device, gpus, key)
+        return "cpu" if cpu_only and cfg.device == "auto" else resolve_device(cfg.device, gpus, key)
 
     out = {"embed": one(job.embed, "embed.device", job.embed.runtime == "onnxruntime"),
            "search": one(job.search, "search.device", job.search.index != "flat")}

@@ -7,7 +7,7 @@ negprep.input.checks', applied in steps that see only what they need:
 1. `count`: newlines per byte range of a split text file, so every piece knows its first line;
 2. `check`: each piece through the per-row checks; a corpus piece writes its ids by bucket
    (a hash of the id), a qrels piece the passage ids it names;
-3. `resolve`: per bucket, duplicate passage ids across all pieces (the first in file order is
+3. `resolve_bucket`: per bucket, duplicate passage ids across all pieces (the first in file order is
    kept, whichever piece finished first) and the status of the ids qrels name;
 4. `shards`: the kept passages cut into shards of `read.shard_rows`, in file order, so shards and
    their digests (the embedding cache key) do not depend on how the file was cut;
@@ -120,7 +120,7 @@ def _bucket(folder: Folder, names: list[str], b: int) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed")
 
 
-def resolve(folder: Folder, corpus: list[str], qrels: list[str], b: int) -> dict[int, int]:
+def resolve_bucket(folder: Folder, corpus: list[str], qrels: list[str], b: int) -> dict[int, int]:
     """Bucket `b` of passage ids across all pieces: writes the duplicate lines (with their piece)
     and the status of the ids qrels name; returns the duplicates per corpus piece."""
     ids = _bucket(folder, corpus, b)
@@ -245,7 +245,7 @@ class Read(Stage):
             require_columns([summaries[p.name].get("absent", []) for p in ps if summaries[p.name]["parsed"]])
         summaries |= self._agree(run, folder, plan, buckets, summaries)
         names = {role: [p.name for p in ps] for role, ps in plan.items()}
-        dups = run.ex.map(resolve, [(folder, names["corpus"], names["qrels"], b) for b in range(buckets)], res,
+        dups = run.ex.map(resolve_bucket, [(folder, names["corpus"], names["qrels"], b) for b in range(buckets)], res,
                           desc="read: duplicates")
         offsets = [0]
         for j, p in enumerate(plan["corpus"]):

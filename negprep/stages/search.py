@@ -39,7 +39,7 @@ from negprep import execution
 from negprep.config import SearchConfig
 from negprep.errors import ConfigError
 from negprep.execution import Executor, Resources
-from negprep.index.faiss_shard import IndexShard, Piece, top_k
+from negprep.index.faiss_shard import IndexShard, RowSpan, top_k
 from negprep.index.placement import layout, placement, search_resources
 from negprep.input.shards import Shard
 from negprep.models.vectors import table_vectors
@@ -322,7 +322,7 @@ def search_all(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, sdir: Fold
 
 
 def _search(ex: Executor, cfg: SearchConfig, inputs: SearchInputs, todo: list[Shard],  # noqa: PLR0913
-            shards: list[tuple[Piece, ...]], need: int, sdir: Folder, range_max: int, device: str = "cpu") -> dict:
+            shards: list[tuple[RowSpan, ...]], need: int, sdir: Folder, range_max: int, device: str = "cpu") -> dict:
     """Search the `todo` query shards, the index shards in groups that fit the cluster's memory
     (and on CUDA its GPUs: one index shard per GPU)."""
     gpu = device == "cuda"
@@ -391,6 +391,6 @@ class Search(Stage):
                                                   force, run.devices.get("search", "cpu"), run.gpus))
 
 
-def _pieces_key(group: list[tuple[Piece, ...]]) -> str:
+def _pieces_key(group: list[tuple[RowSpan, ...]]) -> str:
     ident = [[(p.name, p.start, p.stop) for p in shard] for shard in group]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]

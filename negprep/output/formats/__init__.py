@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from negprep.output.formats import flagembedding, tevatron
-from negprep.output.formats.base import Export
+from negprep.output.formats.entry import Export
 from negprep.output.formats.groups import Group, group_rows
 from negprep.paths import Folder
 

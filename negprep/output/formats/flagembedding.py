@@ -7,7 +7,7 @@ import io
 import polars as pl
 import pyarrow as pa
 
-from negprep.output.formats.base import Export
+from negprep.output.formats.entry import Export
 from negprep.output.formats.groups import Group
 from negprep.paths import Folder
 from negprep.schemas import conform

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from negprep.output.formats.base import Export, write_parquet
+from negprep.output.formats.entry import Export, write_parquet
 from negprep.output.formats.groups import Group
 from negprep.schemas import conform
 

@@ -1,4 +1,4 @@
-"""What a trainer format of the grouped exports is made of (`negprep.output.formats.EXPORTS`)."""
+"""What a registry entry of the grouped exports holds (`negprep.output.formats.EXPORTS`): an `Export`."""
 
 from __future__ import annotations
 
