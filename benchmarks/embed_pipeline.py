@@ -95,7 +95,8 @@ def pipeline(cpus: int, model_dir: str, texts: list[str], shard_rows: int) -> di
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "NEGPREP_CUDA_ON_CPU": "1"}})
     pool.ShardEmbedder = NoopEmbedder
     start = time.time()
-    stats = pool.embed_parts(Executor(0), cpus, [part], cfg, force=True, gpus=1.0)
+    actors = pool.actor_pool([s.work for s in shards], cfg, "cuda", cpus, 1.0)
+    stats = pool.embed_parts(Executor(0), cpus, [part], cfg, actors, force=True)
     wall = time.time() - start
     # the per-shard results carry the actor's times: read them back from the stats' shape
     return {"cpus": cpus, "texts": len(texts), "shards": len(shards), "seconds": round(wall, 2),

@@ -32,6 +32,12 @@ class Resources:
     memory: int = 0  # bytes reserved with Ray's scheduler (0: none)
     spread: bool = False  # place actors on as many nodes as possible
     one_call: bool = False  # the worker exits after the call, with whatever memory it took
+    actors: int = 0  # an actor pool: how many actors of this ask (0: tasks, as many as there is work)
+
+    def __str__(self) -> str:
+        ask = f"{self.cpus:g} CPU" + (f", {self.gpus:g} GPU" if self.gpus else "") + \
+            (f", {self.memory >> 20} MB" if self.memory else "")
+        return f"{self.actors} actors x {ask}" if self.actors else ask
 
     def options(self, retries: int, actor: bool) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.cpus}

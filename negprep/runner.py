@@ -64,8 +64,7 @@ def run_job(job: Job, overwrite: bool = False, redo: str | None = None) -> dict:
 def _timed(run: Run, stage: Stage):
     t0 = time.perf_counter()
     if log.isEnabledFor(logging.INFO):
-        asks = ", ".join(f"{k}: {v.cpus:g} CPU" + (f", {v.gpus:g} GPU" if v.gpus else "") +
-                         (f", {v.memory >> 20} MB" if v.memory else "") for k, v in stage.resources(run).items())
+        asks = ", ".join(f"{k}: {v}" for k, v in stage.resources(run).items())
         log.info("stage %s: started%s", stage.name, f" ({asks})" if asks else "")
     yield
     run.timings[stage.name] = round(time.perf_counter() - t0, 3)

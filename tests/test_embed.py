@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from negprep.config import EmbedConfig
+from negprep.execution import Resources
 from negprep.models.encoders import Encoder, EncoderSpec, encoder_specs
-from negprep.models.pool import actor_layout, cuda_actors
+from negprep.models.pool import actor_layout, actor_pool, cuda_actors, threads_of
 from negprep.models.resolve import resolve_model
 
 from .conftest import shared_data
@@ -37,6 +39,15 @@ def test_gpu_actors_fit_the_clusters_gpus_and_the_work():
     assert cuda_actors(2, 0.5, 10) == 4  # half a GPU each: two per GPU
     assert cuda_actors(8, 1.0, 10, wanted=2) == 2 and cuda_actors(1, 1.0, 10, wanted=4) == 1  # never beyond the GPUs
     assert cuda_actors(0.5, 1.0, 10) == 1  # at least one: Ray then says the GPU is missing
+
+
+def test_a_pool_is_declared_as_the_resources_its_actors_ask_for():
+    cpu = actor_pool([5_000_000, 40_000], EmbedConfig(), "cpu", 2, 0.0)
+    assert cpu == Resources(cpus=2, actors=1) and threads_of(cpu) == 2 and str(cpu) == "1 actors x 2 CPU"
+    fixed = EmbedConfig(actors=3, threads_per_actor=1)
+    assert actor_pool([100] * 10, fixed, "cpu", 8, 0.0) == Resources(cpus=1, actors=3)  # the job's settings win
+    gpu = actor_pool([100] * 10, EmbedConfig(gpus_per_actor=0.5), "cuda", 16, 2.0)
+    assert gpu == Resources(cpus=0, gpus=0.5, actors=4) and threads_of(gpu) == 1  # a CUDA actor holds no CPU
 
 
 def test_batching_never_changes_an_embedding(tiny_bert):

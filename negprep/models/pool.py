@@ -104,6 +104,10 @@ def embed_shard(encoder: Encoder, src: File, dst: File, batch_size: int, batch_t
     return table.num_rows
 
 
+# a CPU task tokenising one piece of a shard for a CUDA actor
+TOKENIZER = Resources(cpus=1)
+
+
 def actor_layout(cpus: int, shard_work: list[int], actors: int | None, threads: int | None) -> tuple[int, int]:
     """(actors, torch threads each) for shards of the given work estimates.
 
@@ -124,10 +128,27 @@ def cuda_actors(gpus: float, gpus_per_actor: float, work_items: int, wanted: int
 
 
 def embedder(threads: int, gpus: float = 0.0) -> Resources:
-    """What one embedding actor asks for: a CPU per torch thread; on CUDA its GPUs and no CPU: its
+    """What one model actor asks for: a CPU per torch thread; on CUDA its GPUs and no CPU: its
     host work (padding batches, queueing copies) is small next to the tokenising tasks', which get
     every CPU of the node."""
     return Resources(cpus=0, gpus=gpus) if gpus else Resources(cpus=threads)
+
+
+def actor_pool(work: list[int], cfg: EmbedConfig, device: str, cpus: int, gpus: float) -> Resources:
+    """The one place where a cluster's CPUs and GPUs become a pool of model actors (the embed
+    stage's, a guide's): how many actors, and what each asks Ray for, for items of the given work
+    estimates under an EmbedConfig-like `cfg` (`actors`, `threads_per_actor`, `gpus_per_actor`).
+    A stage declares this as its resources and hands the same value to the pool that runs."""
+    if device == "cuda":
+        return replace(embedder(1, cfg.gpus_per_actor),
+                       actors=cuda_actors(gpus, cfg.gpus_per_actor, len(work), cfg.actors))
+    n, threads = actor_layout(cpus, work, cfg.actors, cfg.threads_per_actor)
+    return replace(embedder(threads), actors=n)
+
+
+def threads_of(pool: Resources) -> int:
+    """Torch threads of one actor of `pool`: its CPUs (a CUDA actor asks for none and runs one)."""
+    return max(1, int(pool.cpus))
 
 
 def _todo(parts: list[EmbedPart], force: bool) -> tuple[dict, list[tuple[EmbedPart, Shard]]]:
@@ -146,14 +167,15 @@ def _todo(parts: list[EmbedPart], force: bool) -> tuple[dict, list[tuple[EmbedPa
     return stats, sorted(todo, key=lambda ps: -ps[1].work)
 
 
-def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, force: bool = False,
-                gpus: float = 0.0) -> dict:
-    """Embed every shard of `parts` whose embedding file is not there yet (every shard with `force`);
-    returns counts, timings and the device per part.
+def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfig, pool: Resources,
+                force: bool = False) -> dict:
+    """Embed every shard of `parts` whose embedding file is not there yet (every shard with `force`)
+    on the actors of `pool` (`actor_pool`, as the stage declared it; no more actors than shards to
+    do); returns counts, timings and the device per part.
 
     The parts must share one model (their specs differ only in the prompt, and their device).
-    `cfg` is the job's EmbedConfig (or its guide's): batch size, actors and threads; `gpus` the
-    cluster's, for the actors' count on CUDA.
+    `cfg` is the job's EmbedConfig (or its guide's), for the batch size; `cpus` the cluster's, for
+    how many tokenising pieces are in flight on CUDA.
     """
     model = {replace(p.encoded.spec, prompt="") for p in parts}
     assert len(model) == 1, "one embedding pool serves one model"
@@ -163,8 +185,8 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
     spec = model.pop()
     batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
+    actors, threads = min(pool.actors, len(todo)), threads_of(pool)
     if spec.device == "cuda":
-        actors, threads = cuda_actors(gpus, cfg.gpus_per_actor, len(todo), cfg.actors), 1
 
         def pieces(item: tuple[EmbedPart, Shard]) -> list[tuple]:
             part, shard = item
@@ -177,18 +199,16 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
                                              futures)
 
         # tokenising is sized by the cluster's CPUs: two pieces per CPU in flight keeps them all busy
-        results = ex.stream(tokenize_rows, Resources(cpus=1), ShardEmbedder, (spec, threads, batch_size, batch_tokens),
-                            actors, embedder(threads, cfg.gpus_per_actor), pieces, feed, todo, ahead=2 * cpus,
+        results = ex.stream(tokenize_rows, TOKENIZER, ShardEmbedder, (spec, threads, batch_size, batch_tokens),
+                            actors, pool, pieces, feed, todo, ahead=2 * cpus,
                             desc="embed")
     else:
-        actors, threads = actor_layout(cpus, [s.work for _, s in todo], cfg.actors, cfg.threads_per_actor)
-
         def call(actor, item: tuple[EmbedPart, Shard]):
             part, shard = item
             return actor.embed.remote(part.texts.file(shard.name), part.encoded.file(shard), part.encoded.spec.prompt)
 
-        results = ex.map_actors(ShardEmbedder, (spec, threads, batch_size, batch_tokens), actors, embedder(threads),
-                                call, todo, desc="embed")
+        results = ex.map_actors(ShardEmbedder, (spec, threads, batch_size, batch_tokens), actors, pool, call, todo,
+                                desc="embed")
     for (p, _), r in zip(todo, results, strict=True):
         s = stats[p.name]
         s["rows_embedded"] += int(r["rows"])

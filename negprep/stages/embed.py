@@ -12,7 +12,7 @@ from __future__ import annotations
 from negprep.config import Job
 from negprep.execution import Resources
 from negprep.models.encoders import encoder_specs
-from negprep.models.pool import EmbedPart, actor_layout, embed_parts, embedder, ensure_exports
+from negprep.models.pool import TOKENIZER, EmbedPart, actor_pool, embed_parts, ensure_exports
 from negprep.models.resolve import check_compiler, resolve_model
 from negprep.results import Embedded, Encoded
 from negprep.stages.base import Run, Stage
@@ -35,12 +35,11 @@ class Embed(Stage):
             check_compiler("embed.compile")
 
     def resources(self, run: Run) -> dict[str, Resources]:
-        if run.devices.get("embed") == "cuda":
-            return {"embedder": embedder(1, run.job.embed.gpus_per_actor), "tokenizer": Resources(cpus=1)}
-        shards = [*run.read.corpus_shards, *run.read.query_shards]
-        _, threads = actor_layout(run.cpus, [s.work for s in shards], run.job.embed.actors,
-                                  run.job.embed.threads_per_actor)
-        return {"embedder": embedder(threads)}
+        # sized on every shard, done or not, so a resumed run asks for what the first one did
+        device = run.devices.get("embed", "cpu")
+        work = [s.work for s in (*run.read.corpus_shards, *run.read.query_shards)]
+        pool = {"embedder": actor_pool(work, run.job.embed, device, run.cpus, run.gpus)}
+        return pool | ({"tokenizer": TOKENIZER} if device == "cuda" else {})
 
     def run(self, run: Run, force: bool) -> None:
         passages, queries = encoders(run, run.job.model, run.job.embed, run.devices.get("embed", "cpu"))
@@ -48,5 +47,5 @@ class Embed(Stage):
             run.timings["export"] = seconds
         parts = [EmbedPart("corpus", run.read.corpus.folder, run.read.corpus_shards, passages),
                  EmbedPart("queries", run.read.query_texts.folder, run.read.query_shards, queries)]
-        stats = embed_parts(run.ex, run.cpus, parts, run.job.embed, force, run.gpus)
+        stats = embed_parts(run.ex, run.cpus, parts, run.job.embed, self.resources(run)["embedder"], force)
         run.embed = Embedded(passages, queries, stats)

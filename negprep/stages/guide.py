@@ -29,7 +29,7 @@ from negprep.input.shards import Shard, write_shards
 from negprep.models.cross_encoder import CrossEncoder, cross_encoder_dtype, tokenize_pairs
 from negprep.models.devices import cuda_on_cpu
 from negprep.models.encoders import encoder_specs
-from negprep.models.pool import EmbedPart, actor_layout, batching, cuda_actors, embed_parts, embedder, ensure_exports
+from negprep.models.pool import TOKENIZER, EmbedPart, actor_pool, batching, embed_parts, ensure_exports, threads_of
 from negprep.models.resolve import check_compiler, resolve_model
 from negprep.models.vectors import load_embeddings
 from negprep.paths import File, Files, Folder, stage_key
@@ -191,21 +191,20 @@ class Guide(Stage):
             check_compiler("guide.compile")
 
     def resources(self, run: Run) -> dict[str, Resources]:
-        g, shards = run.job.guide, run.read.query_shards
-        if run.devices.get("guide") == "cuda":
-            name = "cross_encoder" if g.type == "crossencoder" else "embedder"
-            return {name: embedder(1, g.gpus_per_actor), "passages": Resources(cpus=1), "scores": Resources(cpus=1)}
-        if g.type == "crossencoder":
-            _, threads = actor_layout(run.cpus, [1] * len(shards), g.actors, g.threads_per_actor)
-            return {"cross_encoder": Resources(cpus=threads)}
-        _, threads = actor_layout(run.cpus, [s.work for s in shards], g.actors, g.threads_per_actor)
-        return {"embedder": embedder(threads), "passages": Resources(cpus=1), "scores": Resources(cpus=1)}
+        g, device, shards = run.job.guide, run.devices.get("guide", "cpu"), run.read.query_shards
+        if g.type == "crossencoder":  # one call per query shard
+            pool = actor_pool([1] * len(shards), g, device, run.cpus, run.gpus)
+            return {"cross_encoder": pool} | ({"tokenizer": TOKENIZER} if device == "cuda" else {})
+        # a bi-encoder embeds the query shards and at most the corpus's passages: sized on both
+        work = [s.work for s in (*shards, *run.read.corpus_shards)]
+        return {"embedder": actor_pool(work, g, device, run.cpus, run.gpus), "passages": Resources(cpus=1),
+                "scores": Resources(cpus=1)}
 
     def run(self, run: Run, force: bool) -> None:
-        job, g, read, work = run.job, run.job.guide, run.read, run.work
+        g, read, work = run.job.guide, run.read, run.work
         device = run.devices.get("guide", "cpu")
         pspec, qspec = encoder_specs(resolve_model(g.model), g, work, device)
-        window = Window(job.range_min, job.range_max)
+        window = Window(run.job.range_min, run.job.range_max)
         sdir = run.search.folder
         gdir = work.sub("guide", stage_key(sdir.url, g.type, pspec.key(), qspec.key(), (window.start, window.stop)))
         if force:
@@ -217,44 +216,45 @@ class Guide(Stage):
         run.guide = StageOutput(gdir, stats)
         if not todo:
             return
-        res = self.resources(run)
         if g.type == "crossencoder":
-            if device == "cuda":
-                actors, threads = cuda_actors(run.gpus, g.gpus_per_actor, len(todo), g.actors), 1
-            else:
-                actors, threads = actor_layout(run.cpus, [1] * len(todo), g.actors, g.threads_per_actor)
-            # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
-            batch_size, batch_tokens = batching(g, device)
-            where = CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window)
-            ce_res = res.get("cross_encoder", Resources(cpus=threads))
             stats |= {"device": device, "dtype": cross_encoder_dtype(g.dtype, device)}
-            if device == "cuda":  # CPU tasks tokenise the pairs; the actor batches by length within batch_tokens
-                args = (pspec.model_dir, g.max_length, threads, batch_size, g.trust_remote_code, where, device,
-                        g.dtype, batch_tokens)
-                run.ex.stream(pair_tokens, Resources(cpus=1), ShardCrossScorer, args, actors, ce_res,
-                              lambda n: [(where, n, pspec.model_dir, g.max_length, g.trust_remote_code)],
-                              lambda a, n, futures: a.score_pieces.remote(n, futures), todo, ahead=2 * run.cpus,
-                              desc="guide")
-                return
-            rows = min(batch_size, max(1, (batch_tokens or 1 << 30) // g.max_length))
-            args = (pspec.model_dir, g.max_length, threads, rows, g.trust_remote_code, where, device, g.dtype)
-            run.ex.map_actors(ShardCrossScorer, args, actors, ce_res, lambda a, n: a.score_shard.remote(n), todo,
-                              desc="guide")
+            self._cross(run, CrossScoring(sdir, read.query_texts.folder, read.corpus, gdir, window), pspec.model_dir,
+                        todo)
             return
+        res = self.resources(run)
         passages = Encoded(pspec, work.sub("embeddings", pspec.key()))
         queries = Encoded(qspec, work.sub("embeddings", qspec.key()))
         if (seconds := ensure_exports([passages], force)) is not None:
             run.timings["export"] = round(run.timings.get("export", 0.0) + seconds, 3)
         texts, pshards = self._passages(run, passages, window, force, res["passages"])
-        whole = pshards == read.corpus_shards
-        stats["passages"] = "whole corpus (cached)" if whole else sum(s.rows for s in pshards)
-        stats["embed"] = embed_parts(run.ex, run.cpus, [EmbedPart("passages", texts, pshards, passages),
-                                                        EmbedPart("queries", read.query_texts.folder,
-                                                                  read.query_shards, queries)], g, force,
-                                      run.gpus)
+        stats["passages"] = "whole corpus (cached)" if pshards == read.corpus_shards else sum(s.rows for s in pshards)
+        parts = [EmbedPart("passages", texts, pshards, passages),
+                 EmbedPart("queries", read.query_texts.folder, read.query_shards, queries)]
+        stats["embed"] = embed_parts(run.ex, run.cpus, parts, g, res["embedder"], force)
         qfile = {s.name: queries.file(s) for s in read.query_shards}
         run.ex.map(biencoder_scores, [(sdir.file(n), qfile[n], passages.files(pshards), gdir.file(n), window)
                                       for n in todo], res["scores"], desc="guide")
+
+    def _cross(self, run: Run, where: CrossScoring, model_dir: str, todo: list[str]) -> None:
+        """Score the query shards `todo` with a cross-encoder guide on the declared actor pool."""
+        g, device = run.job.guide, run.devices.get("guide", "cpu")
+        res = self.resources(run)
+        pool = res["cross_encoder"]
+        actors, threads = min(pool.actors, len(todo)), threads_of(pool)
+        # pairs are padded to the batch's longest, at most max_length: keep a batch within batch_tokens
+        batch_size, batch_tokens = batching(g, device)
+        if device == "cuda":  # CPU tasks tokenise the pairs; the actor batches by length within batch_tokens
+            args = (model_dir, g.max_length, threads, batch_size, g.trust_remote_code, where, device, g.dtype,
+                    batch_tokens)
+            run.ex.stream(pair_tokens, res["tokenizer"], ShardCrossScorer, args, actors, pool,
+                          lambda n: [(where, n, model_dir, g.max_length, g.trust_remote_code)],
+                          lambda a, n, futures: a.score_pieces.remote(n, futures), todo, ahead=2 * run.cpus,
+                          desc="guide")
+            return
+        rows = min(batch_size, max(1, (batch_tokens or 1 << 30) // g.max_length))
+        args = (model_dir, g.max_length, threads, rows, g.trust_remote_code, where, device, g.dtype)
+        run.ex.map_actors(ShardCrossScorer, args, actors, pool, lambda a, n: a.score_shard.remote(n), todo,
+                          desc="guide")
 
     def _passages(self, run: Run, passages: Encoded, window: Window, force: bool,
                   res: Resources) -> tuple[Folder, tuple[Shard, ...]]:
