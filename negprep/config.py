@@ -249,7 +249,8 @@ class Job(_Strict):
     near_duplicate: float | None = Field(
         0.97, gt=0, le=1, description="a candidate whose cosine to one of its query's positives (mining model) is "
         "at least this is a near-copy of it: dropped (near_duplicate_of_positive); null: off")
-    format: Literal["triplet", "ntuple"] = "triplet"
+    format: str = Field("triplet", description="the rows of data/: triplet or ntuple (text-embedding models), "
+                        "labeled-pair or labeled-list (rerankers)")
     seed: int = 42
 
     clusters: int | None = Field(None, gt=0, description="k-means clusters of queries; default from batch_size")
@@ -301,6 +302,25 @@ class Job(_Strict):
         if work.startswith(out) or out.startswith(work):
             # --overwrite empties the output folder: it would delete the work directory mid-run
             raise ValueError(f"work_dir ({self.work}) and output ({self.output}) must not contain one another")
+        return self
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, name: str) -> str:
+        from negprep.output.formats import FORMATS
+
+        if name not in FORMATS:
+            raise ValueError(f"unknown format {name!r}: negprep writes {', '.join(FORMATS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> Job:
+        from negprep.output.formats import FORMATS
+
+        per = FORMATS[self.format].rows_per_pair(self.num_negatives)
+        if self.batch_size and FORMATS[self.format].grouped and self.batch_size % per:
+            raise ValueError(f"batch_size ({self.batch_size}) with format {self.format} must be a multiple of "
+                             f"{per}, the rows of one (query, positive) group: a batch holds whole groups")
         return self
 
     @field_validator("exports")

@@ -103,3 +103,22 @@ def demo_data(tmp_path_factory) -> Path:
     from negprep import demo
 
     return demo.write(tmp_path_factory.mktemp("data") / "towns", n_towns=40)
+
+
+EXPORTED_NEGATIVES = 3
+
+
+@pytest.fixture(scope="session")
+def exported(ray_session, tiny_bert, demo_data, tmp_path_factory):
+    """A triplet job with a bi-encoder guide (the teacher) and both grouped exports; its work
+    directory serves the other formats' jobs over the same data (tests/test_reranker.py)."""
+    from negprep.config import parse_job
+    from negprep.runner import run_job
+
+    base = tmp_path_factory.mktemp("exports")
+    guide = build_tiny_bert(base / "guide", seed=1)
+    job = {"input": str(demo_data), "output": str(base / "out"), "work_dir": str(base / "work"),
+           "model": str(tiny_bert), "num_negatives": EXPORTED_NEGATIVES, "range_max": 20,
+           "guide": {"model": str(guide), "absolute_margin": 0.0, "relative_margin": None},
+           "exports": ["flagembedding", "tevatron"], "export": {"flagembedding_temperature": 0.05}}
+    return base, run_job(parse_job(job))

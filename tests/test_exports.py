@@ -19,29 +19,20 @@ from negprep.config import parse_job
 from negprep.output.formats import EXPORTS, group_rows
 from negprep.output.formats.flagembedding import flagembedding_table
 from negprep.output.formats.tevatron import tevatron_table
-from negprep.runner import run_job
 from negprep.schemas import schema
 
-from .conftest import ROOT, SHARED, build_tiny_bert
+from .conftest import EXPORTED_NEGATIVES as N
+from .conftest import ROOT, SHARED
 
-N = 3
 
-
-def _rows(fmt: str) -> pa.Table:
-    """Output rows of one shard: q1 has two positives sharing negative a (rank 0) and b."""
-    if fmt == "triplet":
-        rows = [("q1", "p1", "a", 0, [0.9, 0.5]), ("q1", "p1", "b", 1, [0.9, 0.4]), ("q1", "p2", "a", 0, [0.8, 0.5]),
-                ("q1", "p2", "c", 2, [0.8, 0.3]), ("q2", "p3", "d", 0, [0.7, 0.6])]
-        cols = {"query_id": [r[0] for r in rows], "positive_id": [r[1] for r in rows],
-                "negative_id": [r[2] for r in rows], "negative_rank": [r[3] for r in rows],
-                "scores": [r[4] for r in rows]}
-        cols["negative"] = [f"text {d}" for d in cols["negative_id"]]
-    else:
-        cols = {"query_id": ["q1", "q1"], "positive_id": ["p1", "p2"], "negative_1_id": ["b", "a"],
-                "negative_1_rank": [1, 0], "negative_2_id": ["a", "c"], "negative_2_rank": [0, 2],
-                "scores": [[0.9, 0.4, 0.5], [0.8, 0.5, 0.3]]}
-        for i in (1, 2):
-            cols[f"negative_{i}"] = [f"text {d}" for d in cols[f"negative_{i}_id"]]
+def _pairs() -> pa.Table:
+    """A shard's pairs (the ntuple layout, null past a pair's negatives): q1 has two positives sharing
+    negative a (rank 0); q2's pair got one negative of two."""
+    cols = {"query_id": ["q1", "q1", "q2"], "positive_id": ["p1", "p2", "p3"], "negative_1_id": ["b", "a", "d"],
+            "negative_1_rank": [1, 0, 0], "negative_2_id": ["a", "c", None], "negative_2_rank": [0, 2, None],
+            "scores": [[0.9, 0.4, 0.5], [0.8, 0.5, 0.3], [0.7, 0.6, None]]}
+    for i in (1, 2):
+        cols[f"negative_{i}"] = [d and f"text {d}" for d in cols[f"negative_{i}_id"]]
     cols["query"] = [f"query {q}" for q in cols["query_id"]]
     cols["positive"] = [f"text {p}" for p in cols["positive_id"]]
     return pa.table(cols)
@@ -60,16 +51,15 @@ def test_each_export_is_one_registry_entry_with_its_contract_and_unknown_names_f
         parse_job({**job, "exports": ["tevatron", "sbert"]})
 
 
-@pytest.mark.parametrize("fmt", ["triplet", "ntuple"])
-def test_groups_hold_each_passage_once_in_rank_order_and_add_up(fmt):
-    table = _rows(fmt)
-    groups, counts = group_rows(table, fmt, 2)
+def test_groups_hold_each_passage_once_in_rank_order_and_add_up():
+    table = _pairs()
+    groups, counts = group_rows(table, 2)
     q1 = groups[0]
     assert [g.query_id for g in groups][:1] == ["q1"] and list(q1.pos) == ["p1", "p2"]
     assert [d for d, _, _ in q1.negatives()] == ["a", "b", "c"]  # a once, though both positives have it
     assert [s for _, _, s in q1.negatives()] == [0.5, 0.4, 0.3] and [s for _, s in q1.pos.values()] == [0.9, 0.8]
-    mentions = table.num_rows * (1 if fmt == "triplet" else 2)
-    assert counts["negatives"] + counts["negatives_merged"] == mentions
+    assert counts["negatives"] + counts["negatives_merged"] == 5  # the pairs' negatives, q2's missing one not counted
+    assert [d for d, _, _ in groups[1].negatives()] == ["d"]
     assert counts["positives"] == len({(q, p) for q, p in zip(table["query_id"].to_pylist(),
                                                                table["positive_id"].to_pylist(), strict=True)})
     fe = flagembedding_table(groups, temperature=0.05).to_pylist()[0]
@@ -77,18 +67,6 @@ def test_groups_hold_each_passage_once_in_rank_order_and_add_up(fmt):
     tev = tevatron_table(groups)
     assert tev.schema.equals(schema("tevatron"))
     assert [p["docid"] for p in tev.to_pylist()[0]["negative_passages"]] == ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def exported(ray_session, tiny_bert, demo_data, tmp_path_factory):
-    """A job with a bi-encoder guide (the teacher) and both grouped exports."""
-    base = tmp_path_factory.mktemp("exports")
-    guide = build_tiny_bert(base / "guide", seed=1)
-    job = {"input": str(demo_data), "output": str(base / "out"), "work_dir": str(base / "work"),
-           "model": str(tiny_bert), "num_negatives": N, "range_max": 20,
-           "guide": {"model": str(guide), "absolute_margin": 0.0, "relative_margin": None},
-           "exports": ["flagembedding", "tevatron"], "export": {"flagembedding_temperature": 0.05}}
-    return base, run_job(parse_job(job))
 
 
 def test_teacher_scores_and_grouped_exports_add_up(exported):

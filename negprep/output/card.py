@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from negprep.output.formats import EXPORTS
+from negprep.output.formats import EXPORTS, FORMATS
 from negprep.paths import Folder
 from negprep.schemas import spec
 
@@ -61,16 +61,14 @@ def dataset_card(m: dict, columns: list[str] | None = None) -> str:
     cfg = m.get("config") or {}
     fmt = m.get("format") or cfg.get("format", "triplet")
     n = int(cfg.get("num_negatives") or 1)
-    negatives = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
-    text_cols = ["query", "positive", *negatives]
     out_path = m.get("output", "OUTPUT")
-    lines = ["---", yaml.safe_dump(_front(m, fmt, text_cols), sort_keys=False).rstrip(), "---", ""]
-    lines += _made_lines(m, fmt, n) + _count_lines(m) + _load_lines(fmt, n, columns, out_path, text_cols)
+    lines = ["---", yaml.safe_dump(_front(m, fmt, n), sort_keys=False).rstrip(), "---", ""]
+    lines += _made_lines(m, fmt, n) + _count_lines(m) + _load_lines(fmt, n, columns, out_path)
     lines += _exports_section(m, out_path, n)
     return "\n".join(lines)
 
 
-def _front(m: dict, fmt: str, text_cols: list[str]) -> dict:
+def _front(m: dict, fmt: str, n: int) -> dict:
     """The card's YAML front matter: the `datasets` configs (column-selecting ones for the losses)."""
     rejected = m.get("rejected_input_file")
     data = [{"split": "train", "path": "data/*.parquet"}]
@@ -78,8 +76,8 @@ def _front(m: dict, fmt: str, text_cols: list[str]) -> dict:
         {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}], "default": True}
     ]
     # configs that select columns: straight into sentence-transformers' losses, no select_columns or map
-    configs.append({"config_name": "mnrl", "data_files": data, "columns": text_cols})
-    configs.append({"config_name": "distill", "data_files": data, "columns": [*text_cols, "scores"]})
+    configs += [{"config_name": name, "data_files": data, "columns": columns}
+                for name, columns in FORMATS[fmt].configs(n).items()]
     for name in m.get("exports") or {}:
         e = EXPORTS.get(name)
         if e is not None and e.card_config:
@@ -94,7 +92,7 @@ def _front(m: dict, fmt: str, text_cols: list[str]) -> dict:
     return {
         "configs": configs,
         "tags": ["sentence-transformers", "hard-negatives", "negprep"],
-        "task_categories": ["sentence-similarity"],
+        "task_categories": [FORMATS[fmt].task],
         "size_categories": [size_category(int(m.get("rows", 0)))],
         "pretty_name": f"Hard negatives mined by negprep ({fmt})",
     }
@@ -112,7 +110,7 @@ def _made_lines(m: dict, fmt: str, n: int) -> list[str]:
     lines = [
         f"# Hard negatives mined by negprep ({fmt})",
         "",
-        f"Training data for text-embedding models: {c.get('pairs', 0):,} (query, positive) pairs of "
+        f"Training data for {FORMATS[fmt].purpose}: {c.get('pairs', 0):,} (query, positive) pairs of "
         f"{c.get('queries', 0):,} queries, each with up to {n} hard negatives mined from a corpus of "
         f"{c.get('passages', 0):,} passages; {m.get('rows', 0):,} rows in `{fmt}` format.",
         "",
@@ -148,6 +146,8 @@ def _count_lines(m: dict) -> list[str]:
         ("kept by the rules", "kept"),
         ("negatives chosen", "negatives"),
         ("pairs short of negatives", "pairs_short"),
+        ("pairs written", "pairs_written"),
+        ("negatives written", "negatives_written"),
         ("output rows", "rows"),
         ("input rows rejected", "rows_rejected"),
     ):
@@ -167,7 +167,7 @@ def _count_lines(m: dict) -> list[str]:
     return lines
 
 
-def _load_lines(fmt: str, n: int, columns: list[str] | None, out_path: str, text_cols: list[str]) -> list[str]:
+def _load_lines(fmt: str, n: int, columns: list[str] | None, out_path: str) -> list[str]:
     """The schema, and how to load the data into sentence-transformers' losses."""
     lines = ["", "## Schema", "", f"Contract `schemas/{fmt}.yaml` of negprep:", "",
              "| column | type | meaning |", "|---|---|---|"]
@@ -183,15 +183,7 @@ def _load_lines(fmt: str, n: int, columns: list[str] | None, out_path: str, text
         "# or, thanks to this card's `configs`, from the folder or a Hub repository holding it:",
         f'# ds = datasets.load_dataset("{out_path}", split="train")',
         "",
-        "# the card's configs select columns for sentence-transformers' losses:",
-        f'mnrl = datasets.load_dataset("{out_path}", "mnrl", split="train")        # MultipleNegativesRankingLoss',
-        f'distill = datasets.load_dataset("{out_path}", "distill", split="train")  # MarginMSELoss, DistillKLDivLoss',
-        "```",
-        "",
-        f"`mnrl` holds {', '.join(f'`{c}`' for c in text_cols)}, in the order MultipleNegativesRankingLoss expects; "
-        "`distill` adds `scores` = [teacher(query, positive), teacher(query, negative), ...], the labels of "
-        "MarginMSELoss and DistillKLDivLoss. The id, score and rank columns of `default` tell where every negative "
-        "came from.",
+        *FORMATS[fmt].usage(out_path, n),
         "",
     ]
 

@@ -4,6 +4,7 @@ alone, and the input check of `negprep validate`."""
 from __future__ import annotations
 
 from negprep.config import Job
+from negprep.output.formats import FORMATS
 from negprep.rules.mining import REASONS
 
 
@@ -36,6 +37,9 @@ def format_summary(m: dict) -> str:
         f"(with no candidate left: {_n(c.get('queries_without_candidates', 0))}); "
         f"pairs short: {_n(c.get('pairs_short', 0))}; negatives chosen: {_n(c.get('negatives', 0))}"
     )
+    if "pairs_written" in c:
+        lines.append(f"  written: {_n(c['pairs_written'])} pairs with {_n(c['negatives_written'])} negatives"
+                     + (" (before topic batches)" if m.get("batches") else ""))
     lines += _score_lines(m) + _topic_lines(m)
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"  output: {m['output']}/data/*.parquet (manifest.json, README.md, report.html, _SUCCESS)")
@@ -44,7 +48,9 @@ def format_summary(m: dict) -> str:
                      f"{_n(e['positives'])} positives, {_n(e['negatives'])} negatives)")
     if m.get("teacher"):
         lines.append(f"  teacher scores (`scores`): the {m['teacher']['role']} model, {m['teacher']['model']}")
-    lines.append(f'  load: datasets.load_dataset("{m["output"]}", "mnrl", split="train")  (or "distill", "default")')
+    configs = [*FORMATS[m["format"]].configs(int(cfg["num_negatives"])), "default"]
+    lines.append(f'  load: datasets.load_dataset("{m["output"]}", "{configs[0]}", split="train")  '
+                 f'(or {", ".join(f"{c!r}" for c in configs[1:])})'.replace("'", '"'))
     return "\n".join(lines)
 
 

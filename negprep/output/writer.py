@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from negprep.errors import ConfigError
+from negprep.output.formats import FORMATS, write_exports
+from negprep.output.formats.pairs import negatives_of, select, written
 from negprep.paths import File, Folder
 from negprep.schemas import conform
 
@@ -92,20 +94,46 @@ class Writer:
     def data_file(self, part: int, parts: int) -> File:
         return self.data.file(f"train-{part:05d}-of-{parts:05d}.parquet")
 
-    def write_rows(self, dst: File, table: pa.Table, groups: tuple[str, ...] = ()) -> pa.Table:
-        """`table` cast to the format's contract (with the optional field `groups`) into `dst`."""
-        table = conform(table, self.fmt, n=self.n, where=dst.uri, groups=groups)
+    @property
+    def stages_pairs(self) -> bool:
+        """Whether the mine tasks stage pairs (`ntuple` files) rather than rows: a format whose pair
+        is a group of rows, under topic batches, which keep groups whole."""
+        return self.staging is not None and FORMATS[self.fmt].grouped
+
+    def write_rows(self, dst: File, table: pa.Table, groups: tuple[str, ...] = (),
+                   layout: str | None = None) -> pa.Table:
+        """`table` cast to the contract `layout` (default the format's; with the optional field
+        `groups`) into `dst`."""
+        table = conform(table, layout or self.fmt, n=self.n, where=dst.uri, groups=groups)
         dst.write_parquet(table)
         return table
 
-    def write_exports(self, dst: File, table: pa.Table) -> dict[str, int]:
-        """The grouped exports of a query shard's rows (`table`, written to `dst`); their counts."""
-        if not self.exports:
-            return {}
-        from negprep.output.formats import write_exports
+    def write_pairs(self, dst: File, pairs: dict[str, list], groups: tuple[str, ...] = ()) -> tuple[pa.Table, dict]:
+        """A query shard's pairs (`formats.pairs`) as rows of the format into `dst` (with topic
+        batches of a grouped format, the whole pairs themselves, which the batch stage turns into
+        rows), and its grouped exports; the table written and the counts: `pairs_written`,
+        `negatives_written` and the exports'."""
+        fmt = FORMATS[self.fmt]
+        keep = written(pairs, self.n, "whole" if self.stages_pairs else fmt.pairs)
+        chosen = select(pairs, keep)
+        if self.stages_pairs:
+            table = self.write_rows(dst, pa.table(chosen), groups, layout="ntuple")
+        else:
+            table = self.write_rows(dst, pa.table(fmt.rows(chosen, self.n)), groups)
+        got = [len(negatives_of(chosen, r, self.n)) for r in range(len(chosen["query_id"]))]
+        counts = {"pairs_written": len(got), "negatives_written": sum(got)}
+        if self.exports:
+            # the pairs written with at least one negative: a group with no negative would stall a trainer
+            stem = dst.name.removesuffix(".parquet")
+            source = pa.table(select(pairs, [k and w for k, w in zip(keep, written(pairs, self.n, "with_negatives"),
+                                                                          strict=True)]))
+            counts["exports"] = write_exports(self.out, list(self.exports), stem, source, self.n,
+                                              self.export_settings)
+        return table, counts
 
-        stem = dst.name.removesuffix(".parquet")
-        return write_exports(self.out, list(self.exports), stem, table, self.fmt, self.n, self.export_settings)
+    def pair_rows(self, staged: pa.Table) -> pa.Table:
+        """Staged pairs (with their batch columns) as rows of the format."""
+        return pa.table(FORMATS[self.fmt].rows(staged.to_pydict(), self.n))
 
     def write_rejected(self, data: bytes) -> str:
         """The rejected input rows next to the data; their path in the output."""

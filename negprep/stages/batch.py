@@ -31,6 +31,7 @@ from negprep.errors import NegprepError
 from negprep.execution import Executor, Resources
 from negprep.input.shards import Shard, text_key
 from negprep.models.vectors import table_vectors
+from negprep.output.formats import FORMATS
 from negprep.output.writer import Writer
 from negprep.paths import File, Files, stage_key
 from negprep.rules import batching
@@ -40,11 +41,19 @@ from negprep.stages.base import Run, Stage
 from negprep.stages.embed import encoders
 
 
-def passage_id_columns(fmt: str, n: int) -> list[str]:
-    """The passage id columns of an output row: the positive, then the negative(s)."""
-    return ["positive_id", "negative_id"] if fmt == "triplet" else ["positive_id"] + [
+def passage_id_columns(layout: str, n: int) -> list[str]:
+    """The passage id columns of a staged row (`triplet`, or `ntuple`: rows or pairs): the positive,
+    then the negative(s)."""
+    return ["positive_id", "negative_id"] if layout == "triplet" else ["positive_id"] + [
         f"negative_{i}_id" for i in range(1, n + 1)
     ]
+
+
+def batch_unit(job: Job) -> tuple[str, int]:
+    """(the staged layout, rows per staged row): a grouped format (reranker rows) stages whole pairs
+    in the `ntuple` layout, each becoming `rows_per_pair` rows, so a batch holds whole groups."""
+    fmt = FORMATS[job.format]
+    return ("ntuple", fmt.rows_per_pair(job.num_negatives)) if fmt.grouped else (job.format, 1)
 
 
 def row_keys(staged: Files, corpus: Files, queries: Files, id_columns: list[str],
@@ -206,21 +215,23 @@ def compose_plan(staged: Files, corpus: Files, queries: Files, job: Job, cluster
     were staged (Ray task). With `clusters`, boundary queries may move to their second cluster;
     with `guard`, rows that would be false negatives of each other never share a batch."""
     t0 = time.perf_counter()
-    batch_size, partial, files = job.batch_size, job.partial_batches, len(staged)
-    k = row_keys(staged, corpus, queries, passage_id_columns(job.format, job.num_negatives), clusters)
+    layout, per = batch_unit(job)
+    batch_size, partial, files = job.batch_size // per, job.partial_batches, len(staged)
+    k = row_keys(staged, corpus, queries, passage_id_columns(layout, job.num_negatives), clusters)
     conflicts = guard_conflicts(guard, k["query_id"], k["passage_id"], k["query"], k["texts"]) if job.batch_guard \
         else None
     plan = batching.compose(k["cluster"], k["query"], k["texts"], batch_size, job.seed, partial,
                            second=k.get("second"), margin=k.get("margin"), conflicts=conflicts)
     sizes = np.bincount(plan.batch_id, minlength=len(plan.mixed))
     cuts = batching.split_files(sizes, max(1, min(files, len(sizes))))
-    c = plan.counts
+    # counted in rows of the output: a staged pair of a grouped format is `per` rows
+    c = {k: v * per if k.startswith("rows") else v for k, v in plan.counts.items()}
     stats = {
         **c,
         # what TAS-Balanced is for: the share of rows whose batch holds one cluster only
         "single_cluster_share": round((c["rows_batched"] - c["rows_merged"]) / max(1, c["rows"]), 4),
         "mixed_share": round(c["rows_merged"] / max(1, c["rows"]), 4),
-        "batch_size": batch_size,
+        "batch_size": job.batch_size,
         "partial_batches": partial,
         "batch_guard": job.batch_guard,
         "guard_model": None if guard is None else guard.model,  # whose scores the guard used (None: labels only)
@@ -260,8 +271,10 @@ def write_part(staged: Files, plan: dict[str, np.ndarray], part: int, dst: File,
     # a query moved to its second cluster (batching.rebalance) is written with the cluster it trains in
     table = table.set_column(table.schema.get_field_index("cluster_id"), "cluster_id",
                              pa.array(plan["cluster"][a:b], pa.int32()))
-    groups = tuple(g for g in _groups(table, writer.fmt) if g != "batches") + ("batches",)
-    return writer.write_rows(dst, table, groups).num_rows
+    groups = tuple(g for g in _groups(table, "ntuple" if writer.stages_pairs else writer.fmt) if g != "batches")
+    if writer.stages_pairs:  # whole pairs, in batch order: each becomes its group of rows
+        table = writer.pair_rows(table)
+    return writer.write_rows(dst, table, (*groups, "batches")).num_rows
 
 
 def run_batches(ex: Executor, writer: Writer, corpus: Files, queries: Files, job: Job,  # noqa: PLR0913

@@ -21,6 +21,7 @@ from negprep import execution
 from negprep.config import Job
 from negprep.execution import Resources
 from negprep.models.vectors import embedding_table, load_embeddings
+from negprep.output.formats import FORMATS
 from negprep.paths import File, Files, stage_key
 from negprep.results import StageOutput
 from negprep.schemas import conform
@@ -130,7 +131,7 @@ class Cluster(Stage):
 
     def run(self, run: Run, force: bool) -> None:
         job, c, shards, queries = run.job, run.job.cluster, run.read.query_shards, run.embed.queries
-        rows = run.read.positives * (job.num_negatives if job.format == "triplet" else 1)
+        rows = run.read.positives * FORMATS[job.format].rows_per_pair(job.num_negatives)
         k = cluster_count(run.read.queries, job.clusters, job.batch_size, rows)
         sample = min(run.read.queries, max(c.sample, k))
         cdir = run.work.sub("clusters", stage_key(FORMAT, queries.spec.key(), [s.digest for s in shards], k, sample,

@@ -72,38 +72,33 @@ def dropped_rows(mined: Mined) -> pa.Table:
     return pa.table(table, schema=schema("dropped_candidates"))
 
 
-def rows_for_output(mined: Mined, fmt: str, n: int) -> dict[str, list]:
-    """Output columns (ids, scores, ranks, teacher `scores`; texts filled later) for `triplet` or
-    `ntuple`. The teacher is the guide when there is one, else the mining model."""
+def pairs_for_output(mined: Mined, n: int) -> dict[str, list]:
+    """The shard's pairs (`negprep.output.formats.pairs`, texts filled later): per (query, positive)
+    its ids, scores, its n negatives' ids, scores and ranks (None past those it got) and the teacher's
+    `scores`. The teacher is the guide when there is one, else the mining model."""
     p, qids, cids = mined.pairs, mined.qids, mined.cids
     with_guide = mined.guide is not None
     teacher, pteacher = (mined.guide, p.pguide) if with_guide else (mined.scores, p.pscore)
-    # one output row per (pair, negatives): a negative each for triplet, all n for ntuple
-    picks = [(row, [j]) for row in range(len(p.q)) for j in p.picked[row] if j >= 0] if fmt == "triplet" else [
-        (row, list(p.picked[row])) for row in range(len(p.q)) if (p.picked[row] >= 0).all()]  # short pairs: counted
-    names = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
-    cols: dict[str, list] = {"query_id": [], "positive_id": [], "positive_score": []}
+    cols: dict[str, list] = {"query_id": [qids[q] for q in p.q], "positive_id": list(p.pid),
+                             "positive_score": list(p.pscore)}
     if with_guide:
-        cols["positive_guide_score"] = []
-    for name in names:
-        cols |= {f"{name}_id": [], f"{name}_score": [], f"{name}_rank": []}
+        cols["positive_guide_score"] = list(p.pguide)
+    for i in range(1, n + 1):
+        cols |= {f"negative_{i}_id": [], f"negative_{i}_score": [], f"negative_{i}_rank": []}
         if with_guide:
-            cols[f"{name}_guide_score"] = []
+            cols[f"negative_{i}_guide_score"] = []
     cols["scores"] = []
-    for row, js in picks:
-        q = p.q[row]
-        cols["query_id"].append(qids[q])
-        cols["positive_id"].append(p.pid[row])
-        cols["positive_score"].append(p.pscore[row])
-        if with_guide:
-            cols["positive_guide_score"].append(p.pguide[row])
-        for name, j in zip(names, js, strict=True):
-            cols[f"{name}_id"].append(cids[q][j])
-            cols[f"{name}_score"].append(mined.scores[q, j])
-            cols[f"{name}_rank"].append(int(j))
+    for row, q in enumerate(p.q):
+        scores = [float(pteacher[row])]
+        for i, j in enumerate(p.picked[row], 1):
+            got = j >= 0
+            cols[f"negative_{i}_id"].append(cids[q][j] if got else None)
+            cols[f"negative_{i}_score"].append(mined.scores[q, j] if got else None)
+            cols[f"negative_{i}_rank"].append(int(j) if got else None)
             if with_guide:
-                cols[f"{name}_guide_score"].append(mined.guide[q, j])
-        cols["scores"].append([float(pteacher[row]), *(float(teacher[q, j]) for j in js)])
+                cols[f"negative_{i}_guide_score"].append(mined.guide[q, j] if got else None)
+            scores.append(float(teacher[q, j]) if got else None)
+        cols["scores"].append(scores)
     return cols
 
 
@@ -139,24 +134,25 @@ def mine_shard(task: MineTask) -> MineResult:
             found = task.embeddings.lookup(ids, "embedding")
             return {d: (v := np.asarray(x, dtype=np.float64)) / max(np.linalg.norm(v), 1e-12) for d, x in found.items()}
     mined, counts = mine_candidates(cand, rules, gtable, keys, vectors)
-    cols = rows_for_output(mined, task.writer.fmt, rules.num_negatives)
+    cols = pairs_for_output(mined, rules.num_negatives)
     id_cols = [c for c in cols if c.endswith("_id") and c != "query_id"]
-    passages = task.corpus.lookup({d for c in id_cols for d in cols[c]}, "text")
+    passages = task.corpus.lookup({d for c in id_cols for d in cols[c] if d is not None}, "text")
     qt = task.queries.read_parquet(columns=["id", "text"])
     qtext = dict(zip(qt.column("id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     cols["query"] = [qtext[q] for q in cols["query_id"]]
     for c in id_cols:
-        cols[c.removesuffix("_id")] = [passages[d] for d in cols[c]]
+        cols[c.removesuffix("_id")] = [None if d is None else passages[d] for d in cols[c]]
     groups = ("guide",) if gtable is not None else ()
     if task.clusters:
         ct = task.clusters.read_parquet()
         cid = dict(zip(ct.column("query_id").to_pylist(), ct.column("cluster_id").to_pylist(), strict=True))
         cols["cluster_id"] = [cid[q] for q in cols["query_id"]]
         groups += ("clusters",)
-    table = task.writer.write_rows(task.dst, pa.table(cols), groups)
+    table, written = task.writer.write_pairs(task.dst, cols, groups)
     if task.dropped:
         task.dropped.write_parquet(dropped_rows(mined))
-    grouped = task.writer.write_exports(task.dst, table)
+    grouped = written.pop("exports", {})
+    counts |= written
     counts["rows"] = table.num_rows
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     return MineResult(counts, score_samples(mined), count_distributions(mined), grouped)

@@ -1,4 +1,5 @@
-"""What a registry entry of the grouped exports holds (`negprep.output.formats.EXPORTS`): an `Export`."""
+"""What the format registries hold (`negprep.output.formats`): a `RowFormat` per row format of
+`data/` (the job's `format`), an `Export` per grouped export (the job's `exports`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import pyarrow as pa
 
 from negprep.output.formats.groups import Group
 from negprep.paths import Folder
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One row format: its name is the job's `format` and its contract (`schemas/<name>.yaml`).
+
+    Every format is built from the same input, a query shard's *pairs* (`pairs.py`): one row per
+    (query, positive) with its chosen negatives side by side, nearest first, null where the pair got
+    fewer than `num_negatives`, with texts, scores and the teacher's `scores`."""
+
+    name: str
+    rows: Callable[[dict[str, list], int], dict[str, list]]  # (pairs, num_negatives) -> the format's columns
+    configs: Callable[[int], dict[str, list[str]]]  # num_negatives -> the card's column-selecting configs
+    usage: Callable[[str, int], list[str]]  # (output path, num_negatives) -> the card's lines on loading and losses
+    rows_per_pair: Callable[[int], int]  # the rows a pair with every negative makes (cluster counts, batch sizes)
+    pairs: str = "all"  # which pairs it writes (`pairs.written`): whole, with_negatives or all
+    grouped: bool = False  # a pair's rows are one group: topic batches keep groups whole (pairs are staged)
+    purpose: str = "text-embedding models"  # what the card says the data trains
+    task: str = "sentence-similarity"  # the card's Hub task category
 
 
 @dataclass(frozen=True)

@@ -27,24 +27,25 @@ class Group:
         return [(d, t, s) for d, (t, s, _) in sorted(self.neg.items(), key=lambda x: (x[1][2], x[0]))]
 
 
-def group_rows(table: pa.Table, fmt: str, n: int) -> tuple[list[Group], dict[str, int]]:
-    """Output rows of one query shard (`triplet` or `ntuple`, with `scores`) -> one group per query
-    in order of first appearance, and counts that add up to the rows:
-    `negatives` + `negatives_merged` = the rows' negatives (a negative shared by several positives
+def group_rows(pairs: pa.Table, n: int) -> tuple[list[Group], dict[str, int]]:
+    """A query shard's pairs (`pairs.py`: the `ntuple` layout, null past a pair's negatives) -> one
+    group per query in order of first appearance, and counts that add up to the pairs' negatives:
+    `negatives` + `negatives_merged` = the pairs' negatives (a negative shared by several positives
     of a query is written once), and `positives` = the distinct (query, positive) pairs."""
-    names = ["negative"] if fmt == "triplet" else [f"negative_{i}" for i in range(1, n + 1)]
-    cols = table.to_pydict()
+    cols = pairs.to_pydict()
     groups: dict[str, Group] = {}
     mentions = 0
     for r, qid in enumerate(cols["query_id"]):
         g = groups.get(qid) or groups.setdefault(qid, Group(qid, cols["query"][r]))
         scores = cols["scores"][r]
         g.pos.setdefault(cols["positive_id"][r], (cols["positive"][r], scores[0]))
-        for i, name in enumerate(names, 1):
-            d, rank = cols[f"{name}_id"][r], cols[f"{name}_rank"][r]
+        for i in range(1, n + 1):
+            d, rank = cols[f"negative_{i}_id"][r], cols[f"negative_{i}_rank"][r]
+            if d is None:
+                continue
             have = g.neg.get(d)
             if have is None or rank < have[2]:
-                g.neg[d] = (cols[name][r], scores[i], rank)
+                g.neg[d] = (cols[f"negative_{i}"][r], scores[i], rank)
             mentions += 1
     out = list(groups.values())
     negatives = sum(len(g.neg) for g in out)
