@@ -122,3 +122,13 @@ def exported(ray_session, tiny_bert, demo_data, tmp_path_factory):
            "guide": {"model": str(guide), "absolute_margin": 0.0, "relative_margin": None},
            "exports": ["flagembedding", "tevatron"], "export": {"flagembedding_temperature": 0.05}}
     return base, run_job(parse_job(job))
+
+
+def rows_for_output(mined, fmt: str, n: int) -> dict[str, list]:
+    """The rows format `fmt` writes for a mined shard, texts left out (what the writer does with them)."""
+    from negprep.output.formats import FORMATS
+    from negprep.output.formats.pairs import select, written
+    from negprep.stages.mine import pairs_for_output
+
+    pairs = pairs_for_output(mined, n)
+    return FORMATS[fmt].rows(select(pairs, written(pairs, n, FORMATS[fmt].pairs)), n)

@@ -24,7 +24,8 @@ from negprep.rules import mining
 from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import KEEP, REASONS, Rules
 from negprep.runner import run_job
-from negprep.stages.mine import rows_for_output
+
+from .conftest import rows_for_output
 
 DUP = 1 + REASONS.index("duplicate_of_candidate")
 

@@ -12,10 +12,10 @@ from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, classify, reason_counts, window_zscores
 from negprep.runner import run_job
 from negprep.schemas import schema
-from negprep.stages.mine import dropped_rows, rows_for_output
+from negprep.stages.mine import dropped_rows
 from negprep.stages.mine import rules as job_rules
 
-from .conftest import build_tiny_bert
+from .conftest import build_tiny_bert, rows_for_output
 
 CODE = {name: i + 1 for i, name in enumerate(REASONS)}
 

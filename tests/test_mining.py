@@ -9,7 +9,8 @@ import pytest
 from negprep.rules import mining
 from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds
-from negprep.stages.mine import rows_for_output
+
+from .conftest import rows_for_output
 
 CODE = {name: i + 1 for i, name in enumerate(REASONS)}
 

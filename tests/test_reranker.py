@@ -83,8 +83,8 @@ def reranked(exported):
     base, triplets = exported
     job = {**triplets["config"], "exports": [], "format": "labeled-pair"}
     out = {}
-    for name, extra in (("labeled-pair", {}), ("labeled-list", {"format": "labeled-list"}),
-                        ("batched", {"batch_size": 8})):
+    lists = {"format": "labeled-list", "exports": ["flagembedding"]}
+    for name, extra in (("labeled-pair", {}), ("labeled-list", lists), ("batched", {"batch_size": 8})):
         out[name] = run_job(parse_job({**job, **extra, "output": str(base / name)}))
     return base, triplets, out
 
@@ -109,6 +109,11 @@ def test_reranker_outputs_add_up_and_carry_the_guides_scores(reranked):
     assert len(lists) == m["labeled-list"]["rows"] == m["labeled-list"]["counts"]["pairs"]
     assert sum(len(r["docs"]) for r in lists) == len(pair)
     assert all(r["labels"][0] == 1.0 and not any(r["labels"][1:]) for r in lists)
+    # the grouped exports are those of the triplets: the same pairs with a negative, from any row format
+    assert m["labeled-list"]["exports"]["flagembedding"] | {"files": None} == \
+        triplets["exports"]["flagembedding"] | {"files": None}
+    for f in sorted((base / "out" / "flagembedding").iterdir()):
+        assert (base / "labeled-list" / "flagembedding" / f.name).read_bytes() == f.read_bytes()
     card = (base / "labeled-pair" / "README.md").read_text()
     assert "config_name: bce" in card and "text-ranking" in card and "BinaryCrossEntropyLoss" in card
 

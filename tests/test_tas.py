@@ -18,9 +18,8 @@ from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import Rules, balanced, margin_bins
 from negprep.runner import run_job
 from negprep.schemas import schema
-from negprep.stages.mine import rows_for_output
 
-from .conftest import shared_data
+from .conftest import rows_for_output, shared_data
 
 # margins of 5 kept candidates, range [0, 1], 10 bins of width 0.1: bins 0, 0, 1, 9, 9
 MARGINS = np.array([0.0, 0.04, 0.15, 0.93, 1.0])
