@@ -298,39 +298,28 @@ class Job(_Strict):
                              "raise range_max or lower num_negatives")
         if self.max_score is not None and self.min_score is not None and self.min_score > self.max_score:
             raise ValueError("min_score is above max_score")
-        out, work = self.output.rstrip("/") + "/", self.work.rstrip("/") + "/"
-        if work.startswith(out) or out.startswith(work):
-            # --overwrite empties the output folder: it would delete the work directory mid-run
-            raise ValueError(f"work_dir ({self.work}) and output ({self.output}) must not contain one another")
-        return self
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, name: str) -> str:
-        from negprep.output.formats import FORMATS
-
-        if name not in FORMATS:
-            raise ValueError(f"unknown format {name!r}: negprep writes {', '.join(FORMATS)}")
-        return name
-
-    @model_validator(mode="after")
-    def _whole_groups(self) -> Job:
         from negprep.output.formats import FORMATS
 
         per = FORMATS[self.format].rows_per_pair(self.num_negatives)
         if self.batch_size and FORMATS[self.format].grouped and self.batch_size % per:
             raise ValueError(f"batch_size ({self.batch_size}) with format {self.format} must be a multiple of "
                              f"{per}, the rows of one (query, positive) group: a batch holds whole groups")
+        out, work = self.output.rstrip("/") + "/", self.work.rstrip("/") + "/"
+        if work.startswith(out) or out.startswith(work):
+            # --overwrite empties the output folder: it would delete the work directory mid-run
+            raise ValueError(f"work_dir ({self.work}) and output ({self.output}) must not contain one another")
         return self
 
-    @field_validator("exports")
+    @field_validator("format", "exports")
     @classmethod
-    def _exports(cls, names: list[str]) -> list[str]:
-        from negprep.output.formats import EXPORTS
+    def _registered(cls, value: Any, info: Any) -> Any:  # info: pydantic's ValidationInfo
+        # the format registries are the one list of names (negprep.output.formats)
+        from negprep.output.formats import EXPORTS, FORMATS
 
-        if unknown := [n for n in names if n not in EXPORTS]:
-            raise ValueError(f"unknown export {unknown[0]!r}: negprep writes {', '.join(EXPORTS)}")
-        return names
+        what, known = ("format", FORMATS) if info.field_name == "format" else ("export", EXPORTS)
+        if unknown := [n for n in ([value] if what == "format" else value) if n not in known]:
+            raise ValueError(f"unknown {what} {unknown[0]!r}: negprep writes {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _storage(self) -> Job:
