@@ -239,12 +239,23 @@ def test_changes_invalidate_exactly_what_depends_on_them(
     # the query prompt: only the queries are embedded again
     assert stages(run_job(parse_job({**job, "embed": {"query_prompt": "query: "}}), overwrite=True)) == (4, 0, 0)
     assert len(reads()) == 1
-    # one passage appended to the input: read again, only the new last corpus shard embedded
-    with open(data / "corpus.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"_id": "extra", "title": "Extra", "text": "Extra is a town on the river Esk."}\n')
+    # the input changes (a passage inserted first, two appended, one edited, one deleted, one renamed with
+    # the same text, a query added): read again; only the new texts are embedded, wherever the others moved
+    new = _change(data)
     m = run_job(parse_job(job), overwrite=True)
-    assert len(reads()) == 2 and stages(m) == (4, 1, 0)
-    assert (m["stages"]["embed"]["corpus"]["shards"], m["stages"]["embed"]["corpus"]["rows_embedded"]) == (5, 1)
+    fresh = run_job(parse_job({**job, "output": str(tmp_path / "y" / "out"),
+                               "work_dir": str(tmp_path / "y" / "work")}))
+    assert len(reads()) == 2 and m["counts"] == fresh["counts"] and m["rows"] == fresh["rows"]
+    for name in m["data_files"]:  # exactly what a run from scratch writes
+        assert (out / name).read_bytes() == (tmp_path / "y" / "out" / name).read_bytes()
+    for part, texts in new.items():
+        e, f = m["stages"]["embed"][part], fresh["stages"]["embed"][part]
+        assert e["rows_embedded"] == texts and f["rows_reused"] == 0
+        before, after = _shards(tmp_path / "x" / "work", part)
+        whole = [s["rows"] for s in after if s["digest"] in {b["digest"] for b in before}]  # shards that did not move
+        assert len(whole) == e["shards_reused"] and e["rows_reused"] + e["rows_embedded"] + sum(whole) == \
+            f["rows_embedded"]
+    assert m["stages"]["embed"]["corpus"]["rows_reused"] > 20  # moved shards were assembled, not embedded again
 
     # a run killed while writing the output left no _SUCCESS: the rerun replaces it without --overwrite
     (out / "_SUCCESS").unlink()
@@ -270,6 +281,30 @@ def test_changes_invalidate_exactly_what_depends_on_them(
     monkeypatch.setattr("negprep.output.summary.format_summary", lambda m: "")
     assert main(["run", str(path), "--force"]) == 0 and main(["run", str(path), "--from", "embed"]) == 0
     assert calls == ["read", "embed"]
+
+
+def _change(data: Path) -> dict[str, int]:
+    """Change the demo data in place (see the caller); the new texts per part."""
+    corpus = [json.loads(line) for line in (data / "corpus.jsonl").read_text().splitlines()]
+    edited, deleted, renamed = corpus[10], corpus[30], corpus[50]
+    edited["text"] += " It also has a new harbour."
+    renamed["_id"] += "-renamed"
+    corpus.remove(deleted)
+    extra = [{"_id": f"new{i}", "title": "Velmor", "text": f"Velmor is a new town number {i} on the coast."}
+             for i in range(3)]
+    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [extra[0], *corpus, *extra[1:]]))
+    with open(data / "queries.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "qnew", "text": "Which town is new on the coast?"}) + "\n")
+    with open(data / "qrels" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("qnew\tnew0\t1\n")
+    return {"corpus": len(extra) + 1, "queries": 1}
+
+
+def _shards(work: Path, part: str) -> tuple[list[dict], ...]:
+    """The text shards of `part` (corpus or query) of each read of `work`, oldest first."""
+    reads = sorted((work / "input").iterdir(), key=lambda p: p.stat().st_mtime)
+    key = "corpus_shards" if part == "corpus" else "query_shards"
+    return tuple(json.loads((r / "stats.json").read_text())[key] for r in reads)
 
 
 def _own_ray_env(ray_tmp: str) -> dict:

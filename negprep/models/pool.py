@@ -30,6 +30,7 @@ from negprep.execution import Executor, Resources, assigned_gpus, each, node_id
 from negprep.input.shards import Shard
 from negprep.models.devices import cuda_on_cpu
 from negprep.models.encoders import GPU_BATCH_SIZE, GPU_BATCH_TOKENS, Encoder, EncoderSpec, make_encoder
+from negprep.models.reuse import assemble, missing_shard, plan_reuse, text_hashes
 from negprep.models.tokens import piece_bounds, text_tokenizer, tokenize_piece
 from negprep.models.vectors import embedding_table
 from negprep.paths import File, Folder
@@ -77,7 +78,8 @@ class ShardEmbedder:
         (`tokenize_rows`, in row order), each taken as soon as it is ready."""
         t0 = time.perf_counter()
         vecs = self.encoder.encode_pieces(each(pieces), rows, self.batch_size, self.batch_tokens)
-        dst.write_parquet(embedding_table(src.read_parquet(columns=["id"]).column("id"), vecs))
+        table = src.read_parquet(columns=["id", "text"])
+        dst.write_parquet(embedding_table(table.column("id"), vecs, text_hashes(table.column("text").to_pylist())))
         return self._done(rows, t0)
 
     def _done(self, rows: int, t0: float) -> dict:
@@ -100,7 +102,7 @@ def embed_shard(encoder: Encoder, src: File, dst: File, batch_size: int, batch_t
     table = src.read_parquet(columns=["id", "text"])
     uniq, inverse = np.unique(np.array(table.column("text").to_pylist(), dtype=object), return_inverse=True)
     vecs = encoder.encode(list(uniq), batch_size=batch_size, batch_tokens=batch_tokens, prompt=prompt)[inverse]
-    dst.write_parquet(embedding_table(table.column("id"), vecs))
+    dst.write_parquet(embedding_table(table.column("id"), vecs, text_hashes(table.column("text").to_pylist())))
     return table.num_rows
 
 
@@ -154,8 +156,8 @@ def threads_of(pool: Resources) -> int:
 def _todo(parts: list[EmbedPart], force: bool) -> tuple[dict, list[tuple[EmbedPart, Shard]]]:
     """(stats per part with the shards reused, the (part, shard) pairs to embed: the most work first,
     so the last actor is not left with the longest shard)."""
-    stats = {p.name: {"shards": len(p.shards), "shards_reused": 0, "rows_embedded": 0, "seconds": 0.0}
-             for p in parts}
+    stats = {p.name: {"shards": len(p.shards), "shards_reused": 0, "rows_embedded": 0, "rows_reused": 0,
+                      "seconds": 0.0} for p in parts}
     todo = []
     for p in parts:
         done = set() if force else set(p.encoded.folder.ls(".parquet"))
@@ -182,7 +184,57 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
     stats, todo = _todo(parts, force)
     if not todo:
         return stats
-    spec = model.pop()
+    todo, assembly = (todo, []) if force else _reuse(ex, todo)
+    if todo:
+        _embed(ex, cpus, model.pop(), todo, cfg, pool, stats)
+    if assembly:
+        calls = [(p.texts.file(s.name), p.encoded.file(s), p.encoded.folder, plan, new) for p, s, plan, new in assembly]
+        for (p, *_), reused in zip(assembly, ex.map(assemble, calls, REUSE, desc="embed: reuse"), strict=True):
+            stats[p.name]["rows_reused"] += reused
+        for p in {p.name: p for p, *_ in assembly}.values():
+            _scratch(p).rm("", recursive=True)
+    return stats
+
+
+# a task that reads embedding files' hashes or vectors for reuse: one CPU, whatever memory they take
+REUSE = Resources(cpus=1, one_call=True)
+
+
+def _scratch(part: EmbedPart) -> Folder:
+    """Where a part's texts to embed and their vectors wait between `plan_reuse` and `assemble`."""
+    return part.encoded.folder.sub("reuse")
+
+
+def _reuse(ex: Executor, todo: list[tuple[EmbedPart, Shard]]) -> tuple[list, list]:
+    """(the (part, shard) pairs the actors embed, the shards to assemble): a shard whose texts some
+    embedding file of its encoder already holds is embedded only for the rest (`plan_reuse`), as a
+    text shard of its own, then assembled; one with none of them is embedded whole."""
+    parts: dict[str, tuple[EmbedPart, list[Shard], list[str]]] = {}
+    for p, s in todo:
+        parts.setdefault(p.name, (p, [], sorted(p.encoded.folder.ls(".parquet"))))[1].append(s)
+    asked = [(p, shards) for p, shards, donors in parts.values() if donors]
+    calls = [(p.encoded.folder, parts[p.name][2], p.texts, shards, _scratch(p)) for p, shards in asked]
+    plans = dict(zip([p.name for p, _ in asked], ex.map(plan_reuse, calls, REUSE, desc="embed: plan reuse"),
+                     strict=True))
+    out, assembly = [], []
+    for p, shards, _ in parts.values():
+        for s, plan in zip(shards, plans.get(p.name, [{"found": {}}] * len(shards)), strict=True):
+            if not plan["found"]:
+                out.append((p, s))
+                continue
+            new = None
+            if plan["missing"]:
+                scratch = _scratch(p)
+                rest = EmbedPart(p.name, scratch.sub("texts"), (), Encoded(p.encoded.spec, scratch.sub("vectors")))
+                out.append((rest, missing_shard(s, plan)))
+                new = rest.encoded.file(out[-1][1])
+            assembly.append((p, s, plan, new))
+    return sorted(out, key=lambda ps: -ps[1].work), assembly
+
+
+def _embed(ex: Executor, cpus: int, spec: EncoderSpec, todo: list[tuple[EmbedPart, Shard]], cfg: EmbedConfig,
+           pool: Resources, stats: dict) -> None:
+    """Embed the text shards `todo` on the actors of `pool`; their counts and times into `stats`."""
     batch_size, batch_tokens = batching(cfg, spec.device)
     t0 = time.perf_counter()
     actors, threads = min(pool.actors, len(todo)), threads_of(pool)
@@ -217,7 +269,6 @@ def embed_parts(ex: Executor, cpus: int, parts: list[EmbedPart], cfg: EmbedConfi
         s["nodes"] = sorted({*s.get("nodes", []), r["node"]})
     log.info("embedded %d shards in %.1f s on %d actors x %d threads (%s)", len(todo), time.perf_counter() - t0,
              actors, threads, spec.device)
-    return stats
 
 
 def ensure_exports(encoded: list[Encoded], force: bool = False) -> float | None:
