@@ -18,6 +18,7 @@ _TYPES = {
     "float64": pa.float64(),
     "int32": pa.int32(),
     "int64": pa.int64(),
+    "binary16": pa.binary(16),  # a 128-bit hash
     "list<string>": pa.list_(pa.string()),
     "list<float32>": pa.list_(pa.float32()),
     "list<int32>": pa.list_(pa.int32()),

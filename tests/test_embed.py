@@ -185,3 +185,23 @@ def test_reduced_precision_stays_within_tolerance_of_float32(runtime, dtype, tmp
     cos = (a * b).sum(1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
     assert not np.array_equal(a, b)  # the reduced precision really ran
+
+
+def test_reuse_finds_each_text_in_the_first_file_that_holds_it(tmp_path, monkeypatch):
+    from negprep.models import reuse
+    from negprep.models.vectors import embedding_table
+    from negprep.paths import Folder
+
+    folder = Folder(str(tmp_path))
+    vec = np.ones((2, 3), np.float32)
+    folder.write_parquet("a.parquet", embedding_table(["x", "y"], vec, reuse.text_hashes(["t1", "t2"])))
+    folder.write_parquet("b.parquet", embedding_table(["z", "w"], vec, reuse.text_hashes(["t2", "t3"])))
+    folder.write_parquet("old.parquet", embedding_table(["v"], vec[:1]))  # no hashes: never a donor
+    index = reuse._Index(folder, ["a.parquet", "b.parquet", "old.parquet"])
+    got = index.find(reuse.text_hashes(["t3", "t0", "t2", "t1"]))
+    assert [(index.names[index.file[j]], int(index.row[j])) if j >= 0 else None for j in got] == [
+        ("b.parquet", 1), None, ("a.parquet", 1), ("a.parquet", 0)]
+    # two hashes sharing their first 64 bits: the second word decides
+    index.words = np.array([[1, 5], [1, 7], [2, 0]], dtype=np.uint64)
+    monkeypatch.setattr(reuse, "_words", lambda h: np.array(h, dtype=np.uint64))
+    assert index.find([[1, 7], [1, 6], [2, 0], [3, 0], [0, 0]]).tolist() == [1, -1, 2, -1, -1]

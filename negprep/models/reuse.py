@@ -26,39 +26,74 @@ from negprep.models.vectors import embedding_table, table_vectors
 from negprep.paths import File, Folder
 
 
-def text_hashes(texts: list[str]) -> list[str]:
+def text_hashes(texts: list[str]) -> list[bytes]:
     """A 128-bit hash of each exact text: the key of its vector in an encoder's folder."""
-    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
 
 
-def _index(folder: Folder, donors: list[str]) -> dict[str, tuple[str, int]]:
-    """text hash -> (file, row) over the embedding files `donors` that record their texts' hashes."""
-    index: dict[str, tuple[str, int]] = {}
-    for name in donors:
-        try:
-            hashes = folder.read_parquet(name, columns=["text_hash"]).column("text_hash").to_pylist()
-        except (KeyError, pa.ArrowInvalid):  # a file written before texts were hashed: not a donor
-            continue
-        for row, h in enumerate(hashes):
-            index.setdefault(h, (name, row))
-    return index
+def _words(hashes: pa.Array | list[bytes]) -> np.ndarray:
+    """(n, 2) uint64: each 16-byte hash as two words, without a Python object per hash."""
+    arr = pa.array(hashes, pa.binary(16)) if isinstance(hashes, list) else hashes
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    words = np.frombuffer(arr.buffers()[1], dtype="<u8")
+    return words[2 * arr.offset : 2 * (arr.offset + len(arr))].reshape(-1, 2)
+
+
+class _Index:
+    """Where each text hash sits in the embedding files `donors` of a folder (first file wins): sorted
+    arrays, so 100M hashes take 2.4 GB rather than a dict of Python objects."""
+
+    def __init__(self, folder: Folder, donors: list[str]):
+        self.names, words, files, rows = [], [], [], []
+        for name in donors:
+            try:
+                col = folder.read_parquet(name, columns=["text_hash"]).column("text_hash")
+            except (KeyError, pa.ArrowInvalid):  # a file written before texts were hashed: not a donor
+                continue
+            words.append(_words(col))
+            files.append(np.full(len(col), len(self.names), dtype=np.int32))
+            rows.append(np.arange(len(col), dtype=np.int64))
+            self.names.append(name)
+        w = np.concatenate(words) if words else np.zeros((0, 2), dtype=np.uint64)
+        order = np.lexsort((w[:, 1], w[:, 0]))  # by both words: equal hashes end up together, first file first
+        self.words = w[order]
+        self.file = np.concatenate(files)[order] if files else np.zeros(0, dtype=np.int32)
+        self.row = np.concatenate(rows)[order] if rows else np.zeros(0, dtype=np.int64)
+
+    def find(self, hashes: list[bytes]) -> np.ndarray:
+        """For each hash, its position in the sorted arrays, or -1."""
+        q = _words(hashes)
+        n = len(self.words)
+        pos = np.searchsorted(self.words[:, 0], q[:, 0], side="left")
+        at = np.minimum(pos, max(n - 1, 0))
+        first = (pos < n) & (self.words[at, 0] == q[:, 0]) if n else np.zeros(len(q), dtype=bool)
+        hit = np.where(first & (self.words[at, 1] == q[:, 1]) if n else first, pos, -1)
+        # the first word equal, the second not: another hash shares the first 64 bits (once in 2^64): walk the run
+        for i in np.flatnonzero(first & (hit < 0)):
+            j = pos[i]
+            while j < n and self.words[j, 0] == q[i, 0]:
+                if self.words[j, 1] == q[i, 1]:
+                    hit[i] = j
+                    break
+                j += 1
+        return hit
 
 
 def plan_reuse(folder: Folder, donors: list[str], texts: Folder, pending: list[Shard], scratch: Folder) -> list[dict]:
     """For each shard of `pending` (text shards in `texts`) the rows the embedding files `donors` of
     `folder` already hold, as {donor file: [[its row, the shard's row], ...]}, and the rows to
     embed, written as a text shard of their own into `scratch/texts/` (Ray task)."""
-    index = _index(folder, donors)
+    index = _Index(folder, donors)
     plans = []
     for shard in pending:
         table = texts.read_parquet(shard.name, columns=["id", "text"])
+        hit = index.find(text_hashes(table.column("text").to_pylist()))
         found: dict[str, list[list[int]]] = {}
-        missing = []
-        for row, h in enumerate(text_hashes(table.column("text").to_pylist())):
-            if (hit := index.get(h)) is None:
-                missing.append(row)
-            else:
-                found.setdefault(hit[0], []).append([hit[1], row])
+        for row in np.flatnonzero(hit >= 0):
+            j = hit[row]
+            found.setdefault(index.names[index.file[j]], []).append([int(index.row[j]), int(row)])
+        missing = np.flatnonzero(hit < 0).tolist()
         chars = 0
         if missing and found:
             rest = table.take(pa.array(missing, pa.int64()))

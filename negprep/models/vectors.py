@@ -13,11 +13,13 @@ from negprep.paths import File
 from negprep.schemas import conform
 
 
-def embedding_table(ids: pa.Array | list[str], vecs: np.ndarray, hashes: list[str] | None = None) -> pa.Table:
+def embedding_table(ids: pa.Array | list[str], vecs: np.ndarray, hashes: list[bytes] | None = None) -> pa.Table:
     """An embeddings table of `ids` and the (rows, dim) matrix `vecs`; with `hashes`, the hash of
     each row's exact text (negprep.models.reuse), so later shards can reuse the vector."""
     emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
-    cols = {"id": ids, "embedding": emb.cast(pa.list_(pa.float32()))} | ({"text_hash": hashes} if hashes else {})
+    cols = {"id": ids, "embedding": emb.cast(pa.list_(pa.float32()))}
+    if hashes:
+        cols["text_hash"] = pa.array(hashes, pa.binary(16))
     return conform(pa.table(cols), "embeddings", groups=("texts",) if hashes else ())
 
 
