@@ -51,6 +51,8 @@ class _Index:
                 col = folder.read_parquet(name, columns=["text_hash"]).column("text_hash")
             except (KeyError, pa.ArrowInvalid):  # a file written before texts were hashed: not a donor
                 continue
+            if col.type != pa.binary(16):  # nor one of another hash layout
+                continue
             words.append(_words(col))
             files.append(np.full(len(col), len(self.names), dtype=np.int32))
             rows.append(np.arange(len(col), dtype=np.int64))
