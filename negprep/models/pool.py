@@ -214,8 +214,8 @@ def _reuse(ex: Executor, todo: list[tuple[EmbedPart, Shard]]) -> tuple[list, lis
         parts.setdefault(p.name, (p, [], sorted(p.encoded.folder.ls(".parquet"))))[1].append(s)
     asked = [(p, shards) for p, shards, donors in parts.values() if donors]
     calls = [(p.encoded.folder, parts[p.name][2], p.texts, shards, _scratch(p)) for p, shards in asked]
-    plans = dict(zip([p.name for p, _ in asked], ex.map(plan_reuse, calls, REUSE, desc="embed: plan reuse"),
-                     strict=True))
+    done = ex.map(plan_reuse, calls, REUSE, desc="embed: plan reuse") if calls else []
+    plans = dict(zip([p.name for p, _ in asked], done, strict=True))
     out, assembly = [], []
     for p, shards, _ in parts.values():
         for s, plan in zip(shards, plans.get(p.name, [{"found": {}}] * len(shards)), strict=True):
