@@ -21,7 +21,8 @@ from negprep.input.tables import LINE, parse_table
 from negprep.rules import mining
 from negprep.rules.candidates import mine_candidates
 from negprep.rules.mining import KEEP, OUTSIDE, REASONS, Rules, choose, classify, margin_thresholds, reason_counts
-from negprep.stages.mine import rows_for_output
+
+from .conftest import rows_for_output
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
