@@ -62,10 +62,10 @@ class Writer:
 
     - `prepare` (the mine stage, first): the output emptied or refused, `_INCOMPLETE` in; the
       staging folder emptied;
-    - `write_rows` and `write_exports` (the mine tasks, then the batch stage's writer tasks): a
-      file of rows cast to the format's contract into `data/` (with topic batches the mine tasks
-      write to `staging`, and the batch stage writes `data/` in batch order), and a query shard's
-      grouped exports;
+    - `write_pairs` (the mine tasks): a query shard's pairs as rows of the format (`formats.FORMATS`)
+      cast to its contract into `data/`, and its grouped exports; with topic batches the mine
+      tasks write to `staging` and the batch stage's writer tasks write `data/` in batch order
+      (`write_rows`; `pair_rows` first for a grouped format, whose pairs were staged whole);
     - `write_rejected`, then `publish` (the publish stage, last): the rejected input rows, then the
       manifest, the card, the report and `_SUCCESS`.
     """
